@@ -1,0 +1,25 @@
+# One entry point. `make demo` runs the main job on the embedded model; `make test` runs every
+# test (TransformerLens 4.x suite, then the 3.x pass). Both create the virtual environments they
+# need inside the repository on first use (scripts/bootstrap.sh) and reuse them afterwards.
+.PHONY: demo test lint venv venv-tl3 hooks bench clean
+
+demo: venv
+	.venv/bin/tl-noise demo $(ARGS)
+
+test: venv venv-tl3
+	bash scripts/test.sh
+
+lint: venv
+	.venv/bin/ruff check .
+
+venv:
+	@bash scripts/bootstrap.sh .venv
+
+venv-tl3:
+	@bash scripts/bootstrap.sh .venv-tl3
+
+hooks:
+	git config core.hooksPath hooks
+
+clean:
+	rm -rf .venv .venv-tl3 .pytest_cache .ruff_cache

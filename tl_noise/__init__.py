@@ -1,0 +1,72 @@
+"""tl-noise: learned Gaussian noise at TransformerLens hook points.
+
+Attach noise layers to a model's hook points, fit them so the noise is as large as possible while
+the model's behaviour is preserved, and read off which heads the behaviour depends on:
+
+>>> import tl_noise as tn
+>>> noise = tn.attach_noise(model, "blocks.*.attn.hook_z", granularity="head")
+>>> tn.head_importance(noise)        # [n_layers, n_heads], higher = more important
+
+Data flows one way: model -> hooks -> noise layers -> objective -> trainer -> run directory ->
+dashboard / notebooks.
+"""
+
+from tl_noise.analysis import head_importance
+from tl_noise.covariance import (
+    DiagonalCovariance,
+    FactorizedCovariance,
+    GaussianNoise,
+    KroneckerCovariance,
+    LowRankCovariance,
+)
+from tl_noise.hooks import NoiseHooks, attach_noise, resolve_hook_names
+from tl_noise.layers import NoiseLayer, RhoEstimator
+from tl_noise.models import build_native_model, load_embedded_model, load_model
+from tl_noise.parameterizations import (
+    CloakStandardDeviationParameterization,
+    DirectStandardDeviationParameterization,
+    ScaledStandardDeviationParameterization,
+    SoftplusStandardDeviationParameterization,
+    StandardDeviationParameterization,
+)
+from tl_noise.parametrizations import MaximalUpdate, NeuralTangent, Parametrization, Standard
+from tl_noise.projection import (
+    alphaless_gradient,
+    calculate_equivalent_alpha_and_scaling_factor,
+    order_tensors_by_norm,
+    project_out_smaller_tensor,
+    vector_projection,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CloakStandardDeviationParameterization",
+    "DiagonalCovariance",
+    "DirectStandardDeviationParameterization",
+    "FactorizedCovariance",
+    "GaussianNoise",
+    "KroneckerCovariance",
+    "LowRankCovariance",
+    "MaximalUpdate",
+    "NeuralTangent",
+    "NoiseHooks",
+    "NoiseLayer",
+    "Parametrization",
+    "RhoEstimator",
+    "ScaledStandardDeviationParameterization",
+    "SoftplusStandardDeviationParameterization",
+    "Standard",
+    "StandardDeviationParameterization",
+    "alphaless_gradient",
+    "attach_noise",
+    "build_native_model",
+    "calculate_equivalent_alpha_and_scaling_factor",
+    "head_importance",
+    "load_embedded_model",
+    "load_model",
+    "order_tensors_by_norm",
+    "project_out_smaller_tensor",
+    "resolve_hook_names",
+    "vector_projection",
+]

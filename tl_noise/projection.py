@@ -1,0 +1,262 @@
+"""Gradient projections for alphaless training.
+
+The composite objective ``L = alpha * L_noise + (1 - alpha) * L_task`` needs a hand-tuned
+``alpha``. Alphaless training drops it: with ``n = grad L_noise`` and ``t = grad L_task``, and
+``(S, L)`` the smaller and larger of the two by 2-norm, the step direction is
+
+    g = S + (L - proj_S(L)),        proj_S(L) = (<L, S> / <S, S>) S,
+
+i.e. the smaller gradient is kept whole and the larger contributes only its component orthogonal
+to the smaller one, so neither objective can undo the other's step along ``S``.
+
+Compared with PCGrad (Yu et al. 2020, "Gradient Surgery for Multi-Task Learning",
+https://arxiv.org/abs/2001.06782): PCGrad projects ``g_i`` onto the normal plane of ``g_j`` only
+when they *conflict* (``<g_i, g_j> < 0``) and does so symmetrically for every task. The alphaless
+rule always projects, whatever the sign of ``<n, t>``, and only the larger gradient is projected.
+:func:`calculate_equivalent_alpha_and_scaling_factor` recovers the composite ``alpha`` (and a step
+scale) that the alphaless step amounts to.
+
+Every function has a single-tensor form and, where training needs it, a form over a list of tensors
+(a model's parameter gradients, treated as one concatenated vector); both run the same code.
+Inner products and norms are accumulated in float64 (float32 on MPS, which has no float64);
+results come back in the inputs' (promoted) dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+__all__ = [
+    "alphaless_gradient",
+    "alphaless_gradients",
+    "calculate_equivalent_alpha_and_scaling_factor",
+    "equivalent_alpha_and_scaling_factor_of",
+    "order_tensors_by_norm",
+    "project_out_smaller_tensor",
+    "vector_projection",
+]
+
+Vector = Sequence[Tensor]
+"""A vector stored in pieces: the concatenation of the flattened tensors."""
+
+
+def _check_pair(xs: Vector, ys: Vector, x_name: str, y_name: str, indexed: bool) -> None:
+    if len(xs) != len(ys):
+        raise ValueError(f"{x_name} has {len(xs)} tensors but {y_name} has {len(ys)}")
+    if not xs:
+        raise ValueError(f"{x_name} and {y_name} are empty; need at least one tensor each")
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        xi, yi = (f"{x_name}[{i}]", f"{y_name}[{i}]") if indexed else (x_name, y_name)
+        for name, value in ((xi, x), (yi, y)):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
+            if not value.is_floating_point():
+                raise TypeError(f"{name} must have a floating-point dtype, got {value.dtype}")
+        if x.shape != y.shape:
+            raise ValueError(
+                f"{xi} has shape {tuple(x.shape)} but {yi} has shape {tuple(y.shape)}; "
+                "they must match"
+            )
+
+
+def _accumulation_dtype(x: Tensor) -> torch.dtype:
+    return torch.float32 if x.device.type == "mps" else torch.float64
+
+
+def _dot(xs: Vector, ys: Vector) -> Float[Tensor, ""]:
+    """``<x, y>`` of the concatenated vectors, accumulated in float64."""
+    acc = _accumulation_dtype(xs[0])
+    return torch.stack(
+        [
+            torch.dot(x.reshape(-1).to(acc), y.reshape(-1).to(acc))
+            for x, y in zip(xs, ys, strict=True)
+        ]
+    ).sum()
+
+
+def _norm(xs: Vector, **norm_kwargs: Any) -> Float[Tensor, ""]:
+    """``torch.linalg.vector_norm`` of the concatenated vector (kwargs only for one piece)."""
+    norm_kwargs.setdefault("dtype", _accumulation_dtype(xs[0]))
+    if len(xs) == 1:
+        norm = torch.linalg.vector_norm(xs[0], **norm_kwargs)
+        if norm.numel() != 1:
+            raise ValueError(
+                f"vector_norm kwargs {norm_kwargs} give a norm of shape {tuple(norm.shape)}; "
+                "ordering needs a single number per tensor"
+            )
+        return norm.reshape(())
+    # The 2-norm of a concatenation is the 2-norm of the pieces' 2-norms.
+    pieces = [torch.linalg.vector_norm(x, **norm_kwargs) for x in xs]
+    return torch.linalg.vector_norm(torch.stack(pieces))
+
+
+def _order(xs: Vector, ys: Vector, **norm_kwargs: Any) -> tuple[Vector, Vector, bool]:
+    """``(smaller, larger, swapped)``; ``ys`` comes first only if its norm is strictly smaller."""
+    if _norm(ys, **norm_kwargs) < _norm(xs, **norm_kwargs):
+        return ys, xs, True
+    return xs, ys, False
+
+
+def _coefficient(xs: Vector, onto: Vector) -> Float[Tensor, ""]:
+    """``<x, onto> / <onto, onto>``, and 0 when ``onto`` is the zero vector.
+
+    ``onto`` is first divided by its largest ``|entry|`` m (the ratio is unchanged up to a final
+    ``/ m``), so ``<onto, onto>`` cannot underflow to 0 for a tiny but nonzero ``onto``.
+    """
+    acc = _accumulation_dtype(onto[0])
+    m = torch.stack(
+        [o.abs().amax().to(acc) if o.numel() else torch.zeros((), dtype=acc) for o in onto]
+    ).amax()
+    nonzero = m > 0
+    m = torch.where(nonzero, m, torch.ones_like(m))
+    unit = [o.to(acc) / m for o in onto]
+    ratio = _dot(xs, unit) / _dot(unit, unit) / m
+    return torch.where(nonzero, ratio, torch.zeros_like(ratio))
+
+
+def _combine(
+    terms: Sequence[tuple[Tensor | float, Vector]], like: tuple[Vector, Vector]
+) -> list[Tensor]:
+    """``sum_k c_k v_k`` piece by piece in float64, cast to the promoted dtype of ``like``."""
+    out = []
+    for i, (x, y) in enumerate(zip(*like, strict=True)):
+        acc = _accumulation_dtype(x)
+        total = functools.reduce(torch.add, [c * v[i].to(acc) for c, v in terms])
+        out.append(total.to(torch.promote_types(x.dtype, y.dtype)))
+    return out
+
+
+def _project_out_smaller(xs: Vector, ys: Vector) -> list[Tensor]:
+    smaller, larger, _ = _order(xs, ys)
+    return _combine([(1.0, larger), (-_coefficient(larger, smaller), smaller)], like=(xs, ys))
+
+
+def _alphaless(noise: Vector, task: Vector) -> list[Tensor]:
+    # Task first: on exactly equal norms the task gradient is the one kept whole.
+    smaller, larger, _ = _order(task, noise)
+    keep = 1.0 - _coefficient(larger, smaller)
+    return _combine([(1.0, larger), (keep, smaller)], like=(noise, task))
+
+
+def _equivalent_alpha(noise: Vector, task: Vector) -> tuple[Tensor, Tensor]:
+    smaller, larger, noise_smaller = _order(task, noise)
+    c = _coefficient(larger, smaller)  # <n, t> / ||S||^2 whichever of n, t is S
+    # a + b = 2 - c in both cases; alpha = a / (a + b) is 1 / scale (noise larger, a = 1) or
+    # 1 - 1 / scale (task larger, a = 1 - c). This form stays finite when c overflows to inf.
+    scale = 2.0 - c
+    degenerate = scale == 0
+    inverse = torch.where(
+        degenerate, torch.full_like(scale, float("inf")), 1.0 / torch.where(degenerate, 1.0, scale)
+    )
+    alpha = 1.0 - inverse if noise_smaller else inverse
+    # float16 cannot hold the large |alpha| met near a + b = 0: use at least float32.
+    dtype = functools.reduce(torch.promote_types, [noise[0].dtype, task[0].dtype, torch.float32])
+    return alpha.to(dtype), scale.to(dtype)
+
+
+def vector_projection(
+    tensor_a: Float[Tensor, "*shape"], tensor_b: Float[Tensor, "*shape"]
+) -> Float[Tensor, "*shape"]:
+    """Projection of ``a`` onto ``b``: ``proj_b(a) = (<a, b> / <b, b>) b`` (zeros if ``b == 0``).
+
+    ``<., .>`` is the inner product of the flattened tensors.
+    """
+    _check_pair([tensor_a], [tensor_b], "tensor_a", "tensor_b", indexed=False)
+    coefficient = _coefficient([tensor_a], [tensor_b])
+    return _combine([(coefficient, [tensor_b])], like=([tensor_a], [tensor_b]))[0]
+
+
+def order_tensors_by_norm(
+    tensor_a: Float[Tensor, "*shape"], tensor_b: Float[Tensor, "*shape"], **kwargs: Any
+) -> tuple[Float[Tensor, "*shape"], Float[Tensor, "*shape"]]:
+    """``(smaller, larger)`` by ``torch.linalg.vector_norm(tensor, **kwargs)``.
+
+    Default: the 2-norm of the flattened tensor (computed in float64 unless ``dtype`` is given);
+    ``ord=1``, ``ord=float("inf")`` etc. pass through. Stable: on equal norms the given order is
+    kept, i.e. ``(tensor_a, tensor_b)``. The kwargs must reduce each tensor to one number.
+    """
+    _check_pair([tensor_a], [tensor_b], "tensor_a", "tensor_b", indexed=False)
+    smaller, larger, _ = _order([tensor_a], [tensor_b], **kwargs)
+    return smaller[0], larger[0]
+
+
+def project_out_smaller_tensor(
+    tensor_a: Float[Tensor, "*shape"], tensor_b: Float[Tensor, "*shape"]
+) -> Float[Tensor, "*shape"]:
+    """The larger tensor (2-norm) minus its projection onto the smaller: ``L - proj_S(L)``.
+
+    The result is orthogonal to ``S``. Symmetric in its arguments, except when the two norms are
+    exactly equal: then ``tensor_a`` counts as the smaller one (the stable order of
+    :func:`order_tensors_by_norm`), so the result is ``b - proj_a(b)``.
+    """
+    _check_pair([tensor_a], [tensor_b], "tensor_a", "tensor_b", indexed=False)
+    return _project_out_smaller([tensor_a], [tensor_b])[0]
+
+
+def alphaless_gradient(
+    noise_loss_grad: Float[Tensor, "*shape"], model_loss_grad: Float[Tensor, "*shape"]
+) -> Float[Tensor, "*shape"]:
+    """The alphaless step ``g = S + (L - proj_S(L))``.
+
+    ``(S, L) = order_tensors_by_norm(model_loss_grad, noise_loss_grad)``: the smaller gradient is
+    kept whole, the larger loses its component along the smaller. On exactly equal norms the task
+    (model-loss) gradient is ``S``. Equivalently ``g = L + (1 - <L, S>/||S||^2) S``, with the
+    coefficient taken as 0 when ``S = 0`` (then ``g = L``).
+    """
+    _check_pair(
+        [noise_loss_grad], [model_loss_grad], "noise_loss_grad", "model_loss_grad", indexed=False
+    )
+    return _alphaless([noise_loss_grad], [model_loss_grad])[0]
+
+
+def alphaless_gradients(
+    noise_grads: Sequence[Float[Tensor, "..."]], model_grads: Sequence[Float[Tensor, "..."]]
+) -> list[Float[Tensor, "..."]]:
+    """:func:`alphaless_gradient` for a list of parameter gradients seen as one vector.
+
+    ``noise_grads[i]`` and ``model_grads[i]`` are the gradients of parameter ``i``; norms, inner
+    products and the smaller/larger decision are over the whole concatenation, so the result
+    equals splitting ``alphaless_gradient(cat(n), cat(t))`` back into the parameters' shapes.
+    """
+    _check_pair(noise_grads, model_grads, "noise_grads", "model_grads", indexed=True)
+    return _alphaless(noise_grads, model_grads)
+
+
+def calculate_equivalent_alpha_and_scaling_factor(
+    noise_loss_grad: Float[Tensor, "*shape"], model_loss_grad: Float[Tensor, "*shape"]
+) -> tuple[Float[Tensor, ""], Float[Tensor, ""]]:
+    """``(alpha, scale)`` with ``alphaless_gradient(n, t) == scale * (alpha n + (1 - alpha) t)``.
+
+    Write ``g = a n + b t``; then ``scale = a + b`` and ``alpha = a / (a + b)``. With
+    ``c = <n, t> / ||S||^2`` (``c = 0`` when ``S = 0``): if ``||n|| >= ||t||`` (noise larger),
+    ``a = 1, b = 1 - c``; otherwise ``a = 1 - c, b = 1``. ``alpha`` may leave ``[0, 1]``: e.g.
+    ``alpha > 1`` when the noise gradient is larger and points along the task gradient.
+
+    Degenerate case ``a + b == 0`` (``c == 2``, e.g. ``n`` larger and ``<n, t> = 2 ||t||^2``): ``g``
+    is ``+-(n - t)``, not a multiple of any composite direction with finite ``alpha``. Then
+    ``scale = 0`` and ``alpha = copysign(inf, a)``: ``+inf`` when the noise gradient is the larger,
+    ``-inf`` when the task gradient is. Near it, ``scale -> 0`` and ``|alpha| -> inf`` with a finite
+    product. Returns 0-d tensors in the inputs' dtype, or float32 if that is narrower.
+    """
+    _check_pair(
+        [noise_loss_grad], [model_loss_grad], "noise_loss_grad", "model_loss_grad", indexed=False
+    )
+    return _equivalent_alpha([noise_loss_grad], [model_loss_grad])
+
+
+def equivalent_alpha_and_scaling_factor_of(
+    noise_grads: Sequence[Float[Tensor, "..."]], model_grads: Sequence[Float[Tensor, "..."]]
+) -> tuple[Float[Tensor, ""], Float[Tensor, ""]]:
+    """:func:`calculate_equivalent_alpha_and_scaling_factor` over a list of parameter gradients.
+
+    Matches :func:`alphaless_gradients`: ``g_i == scale * (alpha n_i + (1 - alpha) t_i)`` for
+    every parameter ``i``, with one ``(alpha, scale)`` for the whole concatenated vector.
+    """
+    _check_pair(noise_grads, model_grads, "noise_grads", "model_grads", indexed=True)
+    return _equivalent_alpha(noise_grads, model_grads)
