@@ -13,9 +13,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 TL_MAJOR = transformer_lens_major()
+torch.set_num_threads(1)  # tiny models: threads only add overhead on a shared 2-core machine
 
-TINY = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_vocab=50, n_ctx=24, d_mlp=64,
-            act_fn="gelu", seed=0)  # fmt: skip
+TINY = dict(
+    n_layers=2,
+    d_model=32,
+    n_heads=4,
+    d_head=8,
+    d_vocab=50,
+    n_ctx=24,
+    d_mlp=64,
+    act_fn="gelu",
+    seed=0,
+)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -62,11 +72,22 @@ def save_tiny_gpt2_checkpoint(path, n_layer: int = 2, n_embd: int = 32, n_head: 
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-        unk_token="<|endoftext|>", pad_token="<|endoftext|>",
-    )  # fmt: skip
-    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=len(vocab),
-                        n_positions=64, n_ctx=64, bos_token_id=0, eos_token_id=0)  # fmt: skip
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    config = GPT2Config(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        vocab_size=len(vocab),
+        n_positions=64,
+        n_ctx=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config).eval()
     model.save_pretrained(path)

@@ -35,8 +35,9 @@ def clean_logits(model, tokens):
 def test_every_granularity_on_every_hook_family(tiny_model, tokens, pattern, granularity, shape):
     param = tn.CloakStandardDeviationParameterization()
     before = clean_logits(tiny_model, tokens)
-    noise = tn.attach_noise(tiny_model, pattern, granularity=granularity, parameterization=param,
-                            init_std=0.3)  # fmt: skip
+    noise = tn.attach_noise(
+        tiny_model, pattern, granularity=granularity, parameterization=param, init_std=0.3
+    )
     try:
         stds = noise.stds()
         assert list(stds) == [pattern.replace("*", str(i)) for i in range(2)]
@@ -59,8 +60,13 @@ def test_every_granularity_on_every_hook_family(tiny_model, tokens, pattern, gra
 
 
 def test_per_position_granularity(tiny_model, tokens):
-    noise = tn.attach_noise(tiny_model, "blocks.0.attn.hook_z", granularity="head",
-                            per_position=True, calibration_tokens=tokens)  # fmt: skip
+    noise = tn.attach_noise(
+        tiny_model,
+        "blocks.0.attn.hook_z",
+        granularity="head",
+        per_position=True,
+        calibration_tokens=tokens,
+    )
     with noise:
         assert noise.stds()["blocks.0.attn.hook_z"].shape == (tokens.shape[1], 4)
         tiny_model(tokens[:, :5])  # shorter sequences use the first positions
@@ -198,16 +204,21 @@ def test_estimator_rhos(tiny_model, tokens):
 
 
 def test_kronecker_covariance_layer(tiny_model, tokens):
-    with tn.attach_noise(tiny_model, "blocks.0.attn.hook_z",
-                         covariance=lambda: tn.KroneckerCovariance(2, 3)) as n:  # fmt: skip
+    with tn.attach_noise(
+        tiny_model, "blocks.0.attn.hook_z", covariance=lambda: tn.KroneckerCovariance(2, 3)
+    ) as n:
         tiny_model(tokens).sum().backward()
         cov = n.layer("blocks.0.attn.hook_z").covariance
         assert cov.rank == 6 and all(p.grad is not None for p in cov.parameters())
 
 
 def test_save_load_roundtrip(tiny_model, tokens, tmp_path):
-    with tn.attach_noise(tiny_model, ["blocks.*.attn.hook_z", "blocks.1.hook_mlp_out"],
-                         calibration_tokens=tokens, seed=5) as noise:  # fmt: skip
+    with tn.attach_noise(
+        tiny_model,
+        ["blocks.*.attn.hook_z", "blocks.1.hook_mlp_out"],
+        calibration_tokens=tokens,
+        seed=5,
+    ) as noise:
         with torch.no_grad():
             for p in noise.parameters():
                 p.add_(torch.randn_like(p))

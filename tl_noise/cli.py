@@ -11,11 +11,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     import tl_noise as tn
 
-    model = tn.build_native_model(dict(n_layers=2, d_model=64, n_heads=4, d_head=16, d_vocab=64,
-                                       n_ctx=32, attn_only=True, seed=0))  # fmt: skip
+    model = tn.build_native_model(
+        dict(
+            n_layers=2,
+            d_model=64,
+            n_heads=4,
+            d_head=16,
+            d_vocab=64,
+            n_ctx=32,
+            attn_only=True,
+            seed=0,
+        )
+    )
     tokens = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(0))
-    with tn.attach_noise(model, "blocks.*.attn.hook_z", granularity="head",
-                         calibration_tokens=tokens) as noise:  # fmt: skip
+    with tn.attach_noise(
+        model, "blocks.*.attn.hook_z", granularity="head", calibration_tokens=tokens
+    ) as noise:
         print(tn.hooks.describe(noise))
         print("head importance [layer, head]:\n", tn.head_importance(noise))
     return 0

@@ -35,9 +35,19 @@ from tl_noise.parametrizations import param_groups
 
 HookSpec = str | Iterable[str] | Callable[[str], bool]
 FINGERPRINT_FIELDS = (
-    "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx", "attn_only",
-    "n_key_value_heads", "act_fn", "normalization_type", "positional_embedding_type",
-)  # fmt: skip
+    "n_layers",
+    "d_model",
+    "n_heads",
+    "d_head",
+    "d_mlp",
+    "d_vocab",
+    "n_ctx",
+    "attn_only",
+    "n_key_value_heads",
+    "act_fn",
+    "normalization_type",
+    "positional_embedding_type",
+)
 UNSUPPORTED_HOOKS = ("hook_pattern", "hook_attn_scores")
 CONFIG_FILE = "noise_config.json"
 STATE_FILE = "noise_state.safetensors"
@@ -159,9 +169,16 @@ def collect_activation_stats(
         def fn(act: Tensor, hook: Any) -> None:
             x = act.detach().reshape(-1, *act.shape[2:]).double()
             s = stats.setdefault(
-                name, {"shape": tuple(act.shape), "device": act.device, "dtype": act.dtype,
-                       "n": 0, "sum": 0.0, "sumsq": 0.0},
-            )  # fmt: skip
+                name,
+                {
+                    "shape": tuple(act.shape),
+                    "device": act.device,
+                    "dtype": act.dtype,
+                    "n": 0,
+                    "sum": 0.0,
+                    "sumsq": 0.0,
+                },
+            )
             s["n"] += x.shape[0]
             s["sum"] = s["sum"] + x.sum(0)
             s["sumsq"] = s["sumsq"] + (x * x).sum(0)
@@ -360,8 +377,10 @@ class NoiseHooks(nn.Module):
             if model_fingerprint(model).get(k) != v
         }
         if mismatch:
-            detail = ", ".join(f"{k}: saved {a!r} vs model {b!r}" for k, a, b in
-                               ((k, *v) for k, v in mismatch.items()))  # fmt: skip
+            detail = ", ".join(
+                f"{k}: saved {a!r} vs model {b!r}"
+                for k, a, b in ((k, *v) for k, v in mismatch.items())
+            )
             raise ValueError(f"the saved noise does not fit this model ({detail})")
         missing = [n for n in config["order"] if n not in model.hook_dict]
         if missing:
@@ -443,12 +462,18 @@ def attach_noise(
     source = "data" if calibration_tokens is not None else "random"
     if calibration_tokens is None:
         calibration_tokens = default_probe_tokens(model)
-    if not (isinstance(calibration_tokens, Tensor) and calibration_tokens.ndim == 2
-            and not calibration_tokens.is_floating_point()):  # fmt: skip
+    if not (
+        isinstance(calibration_tokens, Tensor)
+        and calibration_tokens.ndim == 2
+        and not calibration_tokens.is_floating_point()
+    ):
         raise TypeError("calibration_tokens must be an int tensor [n, pos]")
     explicit = isinstance(hooks, str) and not any(c in hooks for c in "*?[")
-    explicit = explicit or (not callable(hooks) and not isinstance(hooks, str) and all(
-        not any(c in h for c in "*?[") for h in hooks))  # fmt: skip
+    explicit = explicit or (
+        not callable(hooks)
+        and not isinstance(hooks, str)
+        and all(not any(c in h for c in "*?[") for h in hooks)
+    )
     unsupported = [n for n in names if n.endswith(UNSUPPORTED_HOOKS)]
     if unsupported and explicit:
         raise ValueError(
@@ -467,8 +492,10 @@ def attach_noise(
     for name in names:
         shape = stats[name]["shape"]
         if len(shape) < 3:
-            raise ValueError(f"hook point {name!r} has activation shape {list(shape)}; tl-noise "
-                             "needs [batch, pos, ...] activations")  # fmt: skip
+            raise ValueError(
+                f"hook point {name!r} has activation shape {list(shape)}; tl-noise "
+                "needs [batch, pos, ...] activations"
+            )
         unit = tuple(shape[2:])
         gran = granularity
         if gran == "auto":

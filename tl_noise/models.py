@@ -54,8 +54,9 @@ def load_model(
 
     if Path(name).is_dir():
         return _load_local_hooked_transformer(name, device, dtype or torch.float32)
-    return HookedTransformer.from_pretrained(name, device=device, dtype=dtype or torch.float32,
-                                             **kwargs)  # fmt: skip
+    return HookedTransformer.from_pretrained(
+        name, device=device, dtype=dtype or torch.float32, **kwargs
+    )
 
 
 def _load_local_hooked_transformer(path: str, device: Any, dtype: torch.dtype) -> Any:

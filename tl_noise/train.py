@@ -1,0 +1,533 @@
+"""Fitting noise: make it as large as possible while the model's behaviour is preserved.
+
+Each step draws a batch, runs the model once with noise (the clean next-token distributions for
+the KL target are cached or computed without gradients), and computes two gradients with respect
+to the noise parameters only:
+
+* ``t``: of the task loss, one backward pass through the frozen model (activations only);
+* ``n``: of the noise loss, which depends on the noise parameters alone, so autograd over the
+  small rho graph costs next to nothing.
+
+They are combined according to ``mode``:
+
+* ``"composite"``: ``g = alpha * n + (1 - alpha) * t``;
+* ``"alphaless"``: ``g = S + (L - proj_S(L))`` with S, L the smaller/larger of (n, t)
+  (:func:`tl_noise.projection.alphaless_gradients`), no alpha to tune;
+* ``"budget"``: ``g = n + lambda * t``, with the Lagrange multiplier adapted by dual ascent
+  ``log lambda += budget_lr * (L_task / budget - 1)`` so that the task loss settles at the budget
+  the user accepts (e.g. KL <= 0.05).
+
+The same per-step quantities feed the run directory (:mod:`tl_noise.runs`).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tl_noise.analysis import head_importance
+from tl_noise.hooks import NoiseHooks, model_fingerprint
+from tl_noise.models import model_name
+from tl_noise.objectives import (
+    NOISE_LOSSES,
+    cross_entropy,
+    kl_divergence,
+    noise_loss,
+    resolve_objective,
+)
+from tl_noise.projection import alphaless_gradients, equivalent_alpha_and_scaling_factor_of
+from tl_noise.runs import RunWriter, latest_checkpoint, read_trainer_state
+from tl_noise.tasks.base import Task
+
+MODES = ("alphaless", "composite", "budget")
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: final stds (as ``noise.stds()``), the per-step history (the
+    records written to ``history.jsonl``), head importance ``[n_layers, n_heads]`` and the run
+    directory (or None)."""
+
+    stds: dict[str, Tensor]
+    history: list[dict[str, Any]]
+    importance: Tensor | None = None
+    run_dir: Path | None = None
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}={value!r}; expected an int > 0")
+    return value
+
+
+def _check_inputs(
+    model: Any, noise: NoiseHooks, tokens: Tensor, loss_mask: Tensor | None
+) -> Tensor:
+    if not isinstance(noise, NoiseHooks):
+        raise TypeError(
+            f"noise must be NoiseHooks from tl_noise.attach_noise, got {type(noise).__name__}"
+        )
+    if noise.model is not model:
+        raise ValueError("noise is attached to a different model than the one passed to fit")
+    if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.is_floating_point():
+        raise TypeError(
+            f"tokens must be an int tensor [n, pos], got {getattr(tokens, 'dtype', type(tokens))}"
+        )
+    if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ValueError(f"tokens has shape {list(tokens.shape)}: the dataset is empty")
+    vocab = int(model.cfg.d_vocab)
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(
+            f"tokens must lie in [0, {vocab - 1}] (d_vocab={vocab}); found [{low}, {high}]"
+        )
+    if loss_mask is None:
+        return torch.ones_like(tokens, dtype=torch.bool)
+    if (
+        not isinstance(loss_mask, Tensor)
+        or loss_mask.dtype != torch.bool
+        or loss_mask.shape != tokens.shape
+    ):
+        raise ValueError(
+            f"loss_mask must be a bool tensor of shape {list(tokens.shape)}, got "
+            f"{getattr(loss_mask, 'dtype', type(loss_mask))} "
+            f"{list(getattr(loss_mask, 'shape', []))}"
+        )
+    if not loss_mask.any():
+        raise ValueError("loss_mask selects no position: nothing to preserve")
+    return loss_mask
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> Tensor:
+    """Examples of step ``step``: a function of (seed, step) alone, so a resumed run sees the
+    same batches as an uninterrupted one."""
+    gen = _step_generator(seed, step)
+    if batch_size >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=gen)[:batch_size]
+
+
+class CleanTargets:
+    """Clean next-token log-probabilities at masked positions, cached while under a budget."""
+
+    def __init__(
+        self, model: Any, noise: NoiseHooks, tokens: Tensor, mask: Tensor, cache_mb: float
+    ):
+        self.model, self.noise, self.tokens, self.mask = model, noise, tokens, mask
+        rows = int(mask.sum())
+        self.cache: list[Tensor] | None = None
+        if rows * int(model.cfg.d_vocab) * 4 <= cache_mb * 2**20:
+            self.cache = []
+            for start in range(0, tokens.shape[0], 32):
+                idx = torch.arange(start, min(start + 32, tokens.shape[0]))
+                logp = self._compute(idx)
+                counts = mask[idx].sum(1).tolist()
+                self.cache.extend(logp.split(counts))
+
+    @torch.no_grad()
+    def _compute(self, idx: Tensor) -> Tensor:
+        saved = self.noise.mode
+        self.noise.set_mode("off")
+        try:
+            device = self.noise_device()
+            logits = self.model(self.tokens[idx].to(device))
+        finally:
+            self.noise.set_mode(saved if saved != "mixed" else "sample")
+        return torch.log_softmax(logits[self.mask[idx].to(logits.device)].float(), dim=-1)
+
+    def noise_device(self) -> torch.device:
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def __call__(self, idx: Tensor) -> Tensor:
+        if self.cache is not None:
+            return torch.cat([self.cache[i] for i in idx.tolist()])
+        return self._compute(idx)
+
+
+def _per_head_stats(
+    noise: NoiseHooks, n: dict[int, Tensor], t: dict[int, Tensor], g: dict[int, Tensor]
+) -> dict[str, Any]:
+    """Per hook and head: gradient norms, cosine, signed sums, the projected gradient and the
+    alpha/scale the alphaless rule gives on that head alone."""
+    out: dict[str, Any] = {}
+    for name, layer in noise.items():
+        if layer.rhos is None or layer.granularity not in ("head", "head_feature"):
+            continue
+        key = id(layer.rhos)
+        heads = layer.unit_shape[0]
+        nn_, tt, gg = (d[key].float() for d in (n, t, g))
+        if layer.n_positions is not None:  # sum positions: [pos, heads, ...] -> [heads, ...]
+            nn_, tt, gg = nn_.sum(0), tt.sum(0), gg.sum(0)
+        nn_, tt, gg = (x.reshape(heads, -1) for x in (nn_, tt, gg))
+        n_norm, t_norm = nn_.norm(dim=1), tt.norm(dim=1)
+        dot = (nn_ * tt).sum(1)
+        cosine = dot / (n_norm * t_norm).clamp_min(1e-30)
+        n_larger = n_norm >= t_norm
+        smaller_sq = torch.where(n_larger, t_norm, n_norm).pow(2)
+        c = torch.where(smaller_sq > 0, dot / smaller_sq.clamp_min(1e-30), torch.zeros_like(dot))
+        a = torch.where(n_larger, torch.ones_like(c), 1 - c)
+        b = torch.where(n_larger, 1 - c, torch.ones_like(c))
+        scale = a + b
+        alpha = torch.where(
+            scale != 0, a / torch.where(scale != 0, scale, 1), torch.sign(a) * math.inf
+        )
+        out[name] = {
+            "noise_norm": n_norm.tolist(),
+            "task_norm": t_norm.tolist(),
+            "cosine": cosine.tolist(),
+            "noise": nn_.sum(1).tolist(),
+            "task": tt.sum(1).tolist(),
+            "projected": gg.sum(1).tolist(),
+            "projected_norm": gg.norm(dim=1).tolist(),
+            "alpha": [_json_float(x) for x in alpha.tolist()],
+            "scale": scale.tolist(),
+        }
+    return out
+
+
+def _json_float(x: float) -> float | str:
+    return x if math.isfinite(x) else ("inf" if x > 0 else "-inf" if x < 0 else "nan")
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("tl-noise", "torch", "transformer-lens", "transformers"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+def fit(
+    model: Any,
+    noise: NoiseHooks,
+    tokens: Int[Tensor, "n pos"] | Task,
+    loss_mask: Bool[Tensor, "n pos"] | None = None,
+    objective: str | Callable[[Tensor, dict[str, Tensor]], Tensor] = "kl",
+    mode: str = "alphaless",
+    alpha: float = 0.5,
+    budget: float | None = None,
+    steps: int = 500,
+    lr: float = 0.05,
+    batch_size: int = 32,
+    seed: int = 0,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    quiet: bool = False,
+    noise_loss_kind: str = "neg_log_mean",
+    metric: Callable[[Tensor, dict[str, Tensor]], Tensor] | None = None,
+    checkpoint_every: int = 50,
+    log_every: int = 1,
+    budget_lr: float = 0.05,
+    clean_cache_mb: float = 512.0,
+    task_info: dict[str, Any] | None = None,
+) -> FitResult:
+    """Fit the noise of ``noise`` (attached to ``model``) on ``tokens``; the model stays frozen.
+
+    Args:
+        tokens: ``[n, pos]`` token ids, or a :class:`~tl_noise.tasks.Task` (its loss mask,
+            metric and extras are used unless given explicitly).
+        loss_mask: ``[n, pos]`` bool, the positions whose predictions count (None: all).
+        objective: ``"kl"`` (clean vs noised next-token distributions), ``"ce"`` (true next
+            tokens), ``"metric"`` (the task's metric) or a callable ``metric(logits, batch)``.
+        mode: ``"alphaless"`` (default), ``"composite"`` (uses ``alpha``) or ``"budget"``
+            (uses ``budget``: the task loss the user accepts).
+        steps, lr, batch_size, seed: optimisation settings (Adam on the noise parameters).
+        run_dir: write the run directory there (config, history, checkpoints, final noise).
+        resume: continue the run in ``run_dir`` from its last checkpoint; the result equals an
+            uninterrupted run with the same settings.
+        quiet: no progress bar.
+
+    Returns:
+        :class:`FitResult` with ``stds``, ``history``, ``importance`` and ``run_dir``.
+    """
+    task = tokens if isinstance(tokens, Task) else None
+    extras: dict[str, Tensor] = {}
+    if task is not None:
+        tokens, loss_mask = task.tokens, loss_mask if loss_mask is not None else task.loss_mask
+        metric = metric or task.metric
+        extras = task.extras
+        task_info = task_info or {"name": task.name, **task.info}
+    mask = _check_inputs(model, noise, tokens, loss_mask)
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; accepted: {', '.join(MODES)}")
+    kind, metric_fn = resolve_objective(objective, metric)
+    if noise_loss_kind not in NOISE_LOSSES:
+        raise ValueError(
+            f"noise_loss_kind={noise_loss_kind!r}; accepted: {', '.join(NOISE_LOSSES)}"
+        )
+    _check_positive_int("steps", steps)
+    _check_positive_int("batch_size", batch_size)
+    _check_positive_int("checkpoint_every", checkpoint_every)
+    _check_positive_int("log_every", log_every)
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr={lr!r}; expected a finite number > 0")
+    if mode == "composite" and not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
+        raise ValueError(f"alpha={alpha!r}; expected a number in [0, 1]")
+    if mode == "budget" and not (
+        isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0
+    ):
+        raise ValueError(f"budget={budget!r}; mode='budget' needs a finite task-loss budget > 0")
+    if not noise.attached:
+        raise ValueError("noise is not attached to the model (call noise.attach() first)")
+
+    if noise.calibration_source == "random" and not resume:
+        noise.calibrate(tokens[: min(64, tokens.shape[0])])
+
+    fit_config = {
+        "objective": kind
+        if not callable(objective)
+        else getattr(objective, "__name__", "callable"),
+        "mode": mode,
+        "alpha": alpha if mode == "composite" else None,
+        "budget": budget if mode == "budget" else None,
+        "steps": steps,
+        "lr": lr,
+        "batch_size": batch_size,
+        "seed": seed,
+        "noise_loss": noise_loss_kind,
+        "n_examples": int(tokens.shape[0]),
+        "n_positions": int(tokens.shape[1]),
+        "budget_lr": budget_lr if mode == "budget" else None,
+    }
+    writer = None
+    if run_dir is not None:
+        config = {
+            "model": {
+                "name": model_name(model),
+                "fingerprint": model_fingerprint(model),
+                "ground_truth": getattr(model, "ground_truth", None),
+            },
+            "hooks": noise.hook_names,
+            "noise": noise.config(),
+            "fit": fit_config,
+            "task": task_info or {},
+            "versions": _versions(),
+            "created": time.time(),
+        }
+        writer = RunWriter(run_dir, config, resume=resume)
+
+    params = [p for p in noise.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(noise.param_groups(lr))
+    log_lambda = 0.0
+    start = 0
+    if resume:
+        found = latest_checkpoint(writer.path) if writer else None
+        if found is None:
+            raise ValueError(f"resume=True but {str(run_dir)!r} has no checkpoint yet")
+        start, folder = found
+        state, opt_tensors = read_trainer_state(folder)
+        loaded = NoiseHooks.load(folder, model, attach=False)
+        noise.load_state_dict(loaded.state_dict())
+        _load_optimizer(optimizer, state["optimizer"], opt_tensors)
+        log_lambda = float(state.get("log_lambda", 0.0))
+        writer.truncate_history(start)
+
+    targets = CleanTargets(model, noise, tokens, mask, clean_cache_mb) if kind == "kl" else None
+    device = targets.noise_device() if targets else next(iter(params)).device
+    history: list[dict[str, Any]] = []
+    pending: list[dict[str, Any]] = []
+    layers = [layer for _, layer in noise.items()]
+    has_estimator = any(layer.estimator is not None for layer in layers)
+    began = time.time()
+    if writer:
+        writer.status("running", start)
+    bar = tqdm(range(start, steps), disable=quiet, desc="fitting noise", initial=start, total=steps)
+    noise.train()
+    for step in bar:
+        idx = batch_indices(tokens.shape[0], batch_size, seed, step)
+        batch = {"tokens": tokens[idx].to(device), "loss_mask": mask[idx].to(device), "index": idx}
+        batch.update({k: v[idx].to(device) for k, v in extras.items()})
+        noise.manual_seed(int(_step_generator(seed, step).initial_seed() % (2**31)))
+        logits = model(batch["tokens"])
+        if kind == "kl":
+            task_loss = kl_divergence(targets(idx).to(logits.device), logits[batch["loss_mask"]])
+        elif kind == "ce":
+            task_loss = cross_entropy(logits, batch["tokens"], batch["loss_mask"])
+        else:
+            task_loss = metric_fn(logits, batch)
+        n_loss = noise_loss([layer.std_for_loss() for layer in layers], noise_loss_kind)
+        lam = math.exp(log_lambda)
+        if not (torch.isfinite(task_loss) and torch.isfinite(n_loss)):
+            msg = (
+                f"non-finite loss at step {step} (task {float(task_loss)}, noise {float(n_loss)}); "
+                "the noise parameters were left at the last finite step"
+            )
+            if writer:
+                writer.status("failed", step, msg + "; the last good checkpoint is kept")
+            raise FloatingPointError(msg)
+        g_noise = _grads(n_loss, params, retain=has_estimator)
+        g_task = _grads(task_loss, params, retain=False)
+        if mode == "alphaless":
+            g = alphaless_gradients(g_noise, g_task)
+        elif mode == "composite":
+            g = [alpha * a + (1 - alpha) * b for a, b in zip(g_noise, g_task, strict=True)]
+        else:
+            g = [a + lam * b for a, b in zip(g_noise, g_task, strict=True)]
+        for p, grad in zip(params, g, strict=True):
+            p.grad = grad
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if mode == "budget":
+            log_lambda = min(
+                20.0, max(-20.0, log_lambda + budget_lr * (task_loss.item() / budget - 1))
+            )
+
+        record_due = (step % log_every == 0) or step == steps - 1
+        if record_due:
+            record = _record(
+                step, noise, params, g_noise, g_task, g, task_loss, n_loss, mode, alpha, lam
+            )
+            history.append(record)
+            pending.append(record)
+            bar.set_postfix(
+                task=f"{record['loss']['task']:.4g}",
+                noise=f"{record['loss']['noise']:.3g}",
+                std=f"{record['mean_std']:.3g}",
+            )
+        done = step + 1
+        if writer and (done % checkpoint_every == 0 or done == steps):
+            writer.append_history(pending)
+            pending = []
+            writer.checkpoint(
+                done,
+                noise.save,
+                {"optimizer": _optimizer_meta(optimizer), "log_lambda": log_lambda},
+                _optimizer_tensors(optimizer),
+            )
+            writer.status("running" if done < steps else "completed", done)
+    bar.close()
+    noise.train()
+    stds = noise.stds()
+    importance = _safe_importance(noise)
+    result = FitResult(
+        stds=stds,
+        history=history,
+        importance=importance,
+        run_dir=writer.path if writer else None,
+        seconds=time.time() - began,
+    )
+    if writer:
+        writer.append_history(pending)
+        summary = {
+            "importance": importance.tolist() if importance is not None else None,
+            "ranking": _ranking(importance),
+            "seconds": result.seconds,
+            "final_loss": history[-1]["loss"] if history else None,
+        }
+        writer.write_final(noise.save, summary)
+        writer.status("completed", steps)
+    return result
+
+
+def _grads(loss: Tensor, params: list[Tensor], retain: bool) -> list[Tensor]:
+    grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+
+def _record(
+    step, noise, params, g_noise, g_task, g, task_loss, n_loss, mode, alpha, lam
+) -> dict[str, Any]:
+    eq_alpha, eq_scale = equivalent_alpha_and_scaling_factor_of(g_noise, g_task)
+    by_id = {id(p): i for i, p in enumerate(params)}
+    n = {id(p): g_noise[by_id[id(p)]] for p in params}
+    t = {id(p): g_task[by_id[id(p)]] for p in params}
+    gg = {id(p): g[by_id[id(p)]] for p in params}
+    stds = noise.stds()
+    all_std = torch.cat([s.reshape(-1) for s in stds.values()])
+    tl, nl = task_loss.item(), n_loss.item()
+    total = {
+        "alphaless": tl + nl,
+        "composite": alpha * nl + (1 - alpha) * tl,
+        "budget": nl + lam * tl,
+    }[mode]
+    return {
+        "step": step,
+        "loss": {
+            "task": tl,
+            "noise": nl,
+            "total": total,
+            "lambda": lam if mode == "budget" else None,
+        },
+        "mean_std": float(all_std.mean()),
+        "equivalent": {"alpha": _json_float(float(eq_alpha)), "scale": float(eq_scale)},
+        "std": {name: s.tolist() for name, s in stds.items()},
+        "grad": _per_head_stats(noise, n, t, gg),
+    }
+
+
+def _optimizer_meta(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    state = optimizer.state_dict()
+    meta = {"param_groups": state["param_groups"], "steps": {}}
+    for key, value in state["state"].items():
+        meta["steps"][str(key)] = float(value["step"]) if "step" in value else 0.0
+    return meta
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+    out = {}
+    for key, value in optimizer.state_dict()["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            if name in value:
+                out[f"{key}.{name}"] = value[name]
+    return out
+
+
+def _load_optimizer(
+    optimizer: torch.optim.Optimizer, meta: dict[str, Any], tensors: dict[str, Tensor]
+) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, step in meta["steps"].items():
+        state[int(key)] = {
+            "step": torch.tensor(step),
+            "exp_avg": tensors[f"{key}.exp_avg"],
+            "exp_avg_sq": tensors[f"{key}.exp_avg_sq"],
+        }
+    groups = optimizer.state_dict()["param_groups"]
+    if len(groups) != len(meta["param_groups"]):
+        raise ValueError("the checkpoint's optimizer does not match these noise parameters")
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _safe_importance(noise: NoiseHooks) -> Tensor | None:
+    try:
+        imp = head_importance(noise)
+    except (ValueError, AttributeError):
+        return None
+    return None if torch.isnan(imp).all() else imp
+
+
+def _ranking(importance: Tensor | None) -> list[dict[str, Any]]:
+    if importance is None:
+        return []
+    n_heads = importance.shape[1]
+    flat = importance.reshape(-1)
+    order = [i for i in torch.argsort(flat, descending=True).tolist() if not math.isnan(flat[i])]
+    return [
+        {
+            "layer": i // n_heads,
+            "head": i % n_heads,
+            "importance": float(flat[i]),
+            "std": math.exp(-float(flat[i])),
+        }
+        for i in order
+    ]
