@@ -1,48 +1,238 @@
-"""The ``tl-noise`` command line."""
+"""The ``tl-noise`` command line: ``demo``, ``fit``, ``show`` and ``app``.
+
+tl-noise demo                       # fit noise on the embedded induction model, rank its heads
+tl-noise fit gpt2 --task ioi --hooks "blocks.*.attn.hook_z" --steps 300 --run-dir runs/ioi
+tl-noise show runs/ioi              # ranked heads in the terminal
+tl-noise app runs/                  # the dashboard on http://127.0.0.1:8501
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PARAMETERIZATIONS = ("cloak", "direct", "softplus")
+
+
+def make_parameterization(name: str, low: float, high: float, shallow: float) -> Any:
+    """Build a std parameterization from its CLI name."""
+    import tl_noise as tn
+
+    if name == "cloak":
+        return tn.CloakStandardDeviationParameterization(scale=(low, high), shallow=shallow)
+    if name == "direct":
+        return tn.DirectStandardDeviationParameterization(scale=(low, high))
+    if name == "softplus":
+        return tn.SoftplusStandardDeviationParameterization(min_scale=low)
+    raise ValueError(f"parameterization={name!r}; accepted: {', '.join(PARAMETERIZATIONS)}")
+
+
+def ranking_table(
+    ranking: list[dict[str, Any]], ground_truth: dict[str, list] | None, top: int
+) -> str:
+    """The ranked heads as a text table, with the ground-truth role of each head when known."""
+    roles = {}
+    for role, heads in (ground_truth or {}).items():
+        for layer, head in heads:
+            roles[(layer, head)] = role
+    lines = [f"{'rank':>4}  {'head':>6}  {'std':>9}  {'importance':>10}  ground truth"]
+    for rank, row in enumerate(ranking[:top], start=1):
+        name = f"L{row['layer']}H{row['head']}"
+        role = roles.get((row["layer"], row["head"]), "-" if ground_truth else "")
+        lines.append(
+            f"{rank:>4}  {name:>6}  {row['std']:>9.4g}  {row['importance']:>10.3f}  {role}"
+        )
+    return "\n".join(lines)
+
+
+def _default_run_dir(prefix: str) -> Path:
+    return Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _common_fit_args(parser: argparse.ArgumentParser, steps: int) -> None:
+    parser.add_argument(
+        "--hooks",
+        nargs="+",
+        default=["blocks.*.attn.hook_z"],
+        help="hook names or glob patterns (default: every head's hook_z)",
+    )
+    parser.add_argument(
+        "--granularity", default="auto", choices=["auto", "head", "head_feature", "feature", "hook"]
+    )
+    parser.add_argument("--parameterization", default="cloak", choices=PARAMETERIZATIONS)
+    parser.add_argument(
+        "--scale",
+        nargs=2,
+        type=float,
+        default=(1e-4, 2.0),
+        metavar=("MIN", "MAX"),
+        help="std range of the parameterization",
+    )
+    parser.add_argument("--shallow", type=float, default=1.0, help="Cloak temperature")
+    parser.add_argument("--mode", default="alphaless", choices=["alphaless", "composite", "budget"])
+    parser.add_argument(
+        "--alpha", type=float, default=0.5, help="composite weight of the noise loss"
+    )
+    parser.add_argument("--budget", type=float, default=None, help="task-loss budget (mode budget)")
+    parser.add_argument("--objective", default="kl", choices=["kl", "ce", "metric"])
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-examples", type=int, default=256, help="generated task examples")
+    parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/<name>-<time>")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _fit_from_args(model: Any, task: Any, args: argparse.Namespace, prefix: str) -> Any:
+    import tl_noise as tn
+    from tl_noise.train import fit
+
+    param = make_parameterization(args.parameterization, *args.scale, args.shallow)
+    noise = tn.attach_noise(
+        model,
+        args.hooks,
+        granularity=args.granularity,
+        parameterization=param,
+        calibration_tokens=task.tokens[:64],
+        seed=args.seed,
+    )
+    run_dir = args.run_dir or _default_run_dir(prefix)
+    with noise:
+        result = fit(
+            model,
+            noise,
+            task,
+            objective=args.objective,
+            mode=args.mode,
+            alpha=args.alpha,
+            budget=args.budget,
+            steps=args.steps,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            run_dir=run_dir,
+            resume=args.resume,
+            quiet=args.quiet,
+        )
+    return result
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import torch
-
     import tl_noise as tn
+    from tl_noise.tasks import induction_task
 
-    model = tn.build_native_model(
-        dict(
-            n_layers=2,
-            d_model=64,
-            n_heads=4,
-            d_head=16,
-            d_vocab=64,
-            n_ctx=32,
-            attn_only=True,
-            seed=0,
-        )
+    model = tn.load_embedded_model()
+    task = induction_task(
+        model.cfg.d_vocab, n=args.n_examples, seq_len=model.cfg.n_ctx, seed=args.seed, bos=0
     )
-    tokens = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(0))
-    with tn.attach_noise(
-        model, "blocks.*.attn.hook_z", granularity="head", calibration_tokens=tokens
-    ) as noise:
-        print(tn.hooks.describe(noise))
-        print("head importance [layer, head]:\n", tn.head_importance(noise))
+    print(
+        f"embedded model {tn.models.EMBEDDED_MODEL}: {model.cfg.n_layers} layers x "
+        f"{model.cfg.n_heads} heads, induction task with {len(task)} sequences"
+    )
+    result = _fit_from_args(model, task, args, "demo")
+    from tl_noise.train import rank_heads
+
+    print()
+    print(ranking_table(rank_heads(result.importance), model.ground_truth, top=args.top))
+    print(f"\nrun directory: {result.run_dir}  ({result.seconds:.1f} s)")
+    if args.no_app or os.environ.get("TL_NOISE_NO_APP"):
+        print(f"open it with: tl-noise app {result.run_dir}")
+        return 0
+    from tl_noise.app import launch
+
+    print(f"dashboard: http://127.0.0.1:{args.port}  (Ctrl-C to stop)")
+    launch(result.run_dir, port=args.port, block=True)
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    import tl_noise as tn
+    from tl_noise.tasks import make_task
+    from tl_noise.train import rank_heads
+
+    model = tn.load_model(args.model, device=args.device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    kwargs: dict[str, Any] = {"seed": args.seed}
+    if args.task == "text":
+        if args.text_file is None:
+            raise SystemExit("tl-noise fit: --task text needs --text-file PATH")
+        kwargs["path"] = args.text_file
+    else:
+        kwargs["n"] = args.n_examples
+    task = make_task(args.task, model, **kwargs)
+    result = _fit_from_args(model, task, args, f"{args.task}")
+    print(ranking_table(rank_heads(result.importance), getattr(model, "ground_truth", None), 20))
+    print(f"\nrun directory: {result.run_dir}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from tl_noise.io import read_json
+
+    summary = read_json(Path(args.run_dir) / "summary.json", "run summary")
+    config = read_json(Path(args.run_dir) / "config.json", "run config")
+    print(
+        f"run {args.run_dir}: model {config['model']['name']}, mode {config['fit']['mode']}, "
+        f"objective {config['fit']['objective']}, {config['fit']['steps']} steps"
+    )
+    print(ranking_table(summary.get("ranking", []), config["model"].get("ground_truth"), args.top))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tl-noise", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="tl-noise", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the main job on the embedded model")
+
+    demo = sub.add_parser("demo", help="fit noise on the embedded induction model and rank heads")
+    _common_fit_args(demo, steps=300)
+    demo.add_argument("--top", type=int, default=8, help="heads to list")
+    demo.add_argument(
+        "--no-app", action="store_true", help="do not start the dashboard (also: TL_NOISE_NO_APP=1)"
+    )
+    demo.add_argument("--port", type=int, default=8501)
     demo.set_defaults(func=cmd_demo)
+
+    fitp = sub.add_parser("fit", help="fit noise on any model and task")
+    fitp.add_argument("model", help="hub name (gpt2), local checkpoint directory, or induction-2l")
+    fitp.add_argument(
+        "--task", default="induction", choices=["induction", "ioi", "greater_than", "text"]
+    )
+    fitp.add_argument("--text-file", type=Path, default=None, help="text for --task text")
+    fitp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
+    _common_fit_args(fitp, steps=500)
+    fitp.set_defaults(func=cmd_fit)
+
+    show = sub.add_parser("show", help="print the ranked heads of a run")
+    show.add_argument("run_dir", type=Path)
+    show.add_argument("--top", type=int, default=20)
+    show.set_defaults(func=cmd_show)
+
+    try:
+        from tl_noise.app import add_app_parser
+    except ImportError:  # the dashboard extra is not installed
+        add_app_parser = None
+    if add_app_parser is not None:
+        add_app_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"tl-noise {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -18,15 +18,17 @@ scale) that the alphaless step amounts to.
 
 Every function has a single-tensor form and, where training needs it, a form over a list of tensors
 (a model's parameter gradients, treated as one concatenated vector); both run the same code.
-Inner products and norms are accumulated in float64 (float32 on MPS, which has no float64);
-results come back in the inputs' (promoted) dtype.
+Inner products and norms are accumulated in float64 (float32 on MPS, which has no float64), on
+vectors first divided by a power of two near their largest entry: exact, so results match the
+plain formulas bit for bit in the normal range, while tiny or huge gradients neither underflow
+nor overflow. Results come back in the inputs' (promoted) dtype.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Float
@@ -80,20 +82,39 @@ def _dot(xs: Vector, ys: Vector) -> Float[Tensor, ""]:
     ).sum()
 
 
+def _power_of_two_scale(xs: Vector, dtype: torch.dtype) -> Float[Tensor, ""]:
+    """The power of two ``m`` with ``max|x|`` in ``[m/2, m)`` (1 for the zero vector).
+
+    Dividing by ``m`` is exact, so a norm or ratio computed on ``x / m`` and scaled back equals the
+    unscaled one bit for bit in the normal range, but its squares can neither underflow (tiny
+    gradients) nor overflow (huge ones).
+    """
+    peak = torch.stack(
+        [x.abs().amax().to(dtype) if x.numel() else torch.zeros((), dtype=dtype) for x in xs]
+    ).amax()
+    return torch.ldexp(torch.ones_like(peak), torch.frexp(peak).exponent)
+
+
 def _norm(xs: Vector, **norm_kwargs: Any) -> Float[Tensor, ""]:
-    """``torch.linalg.vector_norm`` of the concatenated vector (kwargs only for one piece)."""
-    norm_kwargs.setdefault("dtype", _accumulation_dtype(xs[0]))
+    """``torch.linalg.vector_norm`` of the concatenated vector (kwargs only for one piece).
+
+    Computed as ``m * ||x / m||`` (see :func:`_power_of_two_scale`), except for ``ord=0``, which
+    counts nonzeros and is not homogeneous.
+    """
+    dtype = norm_kwargs.setdefault("dtype", _accumulation_dtype(xs[0]))
+    homogeneous = norm_kwargs.get("ord", 2) != 0
+    m = _power_of_two_scale(xs, dtype) if homogeneous else torch.ones((), dtype=dtype)
+    pieces = [torch.linalg.vector_norm(x.to(dtype) / m, **norm_kwargs) for x in xs]
     if len(xs) == 1:
-        norm = torch.linalg.vector_norm(xs[0], **norm_kwargs)
+        (norm,) = pieces
         if norm.numel() != 1:
             raise ValueError(
                 f"vector_norm kwargs {norm_kwargs} give a norm of shape {tuple(norm.shape)}; "
                 "ordering needs a single number per tensor"
             )
-        return norm.reshape(())
+        return norm.reshape(()) * m
     # The 2-norm of a concatenation is the 2-norm of the pieces' 2-norms.
-    pieces = [torch.linalg.vector_norm(x, **norm_kwargs) for x in xs]
-    return torch.linalg.vector_norm(torch.stack(pieces))
+    return torch.linalg.vector_norm(torch.stack(pieces)) * m
 
 
 def _order(xs: Vector, ys: Vector, **norm_kwargs: Any) -> tuple[Vector, Vector, bool]:
@@ -103,21 +124,29 @@ def _order(xs: Vector, ys: Vector, **norm_kwargs: Any) -> tuple[Vector, Vector, 
     return xs, ys, False
 
 
-def _coefficient(xs: Vector, onto: Vector) -> Float[Tensor, ""]:
-    """``<x, onto> / <onto, onto>``, and 0 when ``onto`` is the zero vector.
+class _Projection(NamedTuple):
+    """``proj_onto(x) = k * unit``, ``unit = onto / m``; ``<x, onto> / <onto, onto> = k / m``."""
 
-    ``onto`` is first divided by its largest ``|entry|`` m (the ratio is unchanged up to a final
-    ``/ m``), so ``<onto, onto>`` cannot underflow to 0 for a tiny but nonzero ``onto``.
+    k: Float[Tensor, ""]
+    m: Float[Tensor, ""]
+    unit: list[Tensor]
+
+
+def _project(xs: Vector, onto: Vector) -> _Projection:
+    """Project ``x`` onto ``onto`` (``k = 0`` when ``onto`` is the zero vector).
+
+    With ``m`` from :func:`_power_of_two_scale`, ``k / m`` equals the unscaled
+    ``<x, onto> / <onto, onto>`` bit for bit in float64's normal range, while
+    ``<unit, unit> >= 1/4`` cannot underflow and ``k * unit`` never multiplies an overflowing ratio
+    by a tiny vector.
     """
     acc = _accumulation_dtype(onto[0])
-    m = torch.stack(
-        [o.abs().amax().to(acc) if o.numel() else torch.zeros((), dtype=acc) for o in onto]
-    ).amax()
-    nonzero = m > 0
-    m = torch.where(nonzero, m, torch.ones_like(m))
+    m = _power_of_two_scale(onto, acc)
     unit = [o.to(acc) / m for o in onto]
-    ratio = _dot(xs, unit) / _dot(unit, unit) / m
-    return torch.where(nonzero, ratio, torch.zeros_like(ratio))
+    norm_sq = _dot(unit, unit)
+    nonzero = norm_sq > 0
+    k = _dot(xs, unit) / torch.where(nonzero, norm_sq, torch.ones_like(norm_sq))
+    return _Projection(torch.where(nonzero, k, torch.zeros_like(k)), m, unit)
 
 
 def _combine(
@@ -134,19 +163,22 @@ def _combine(
 
 def _project_out_smaller(xs: Vector, ys: Vector) -> list[Tensor]:
     smaller, larger, _ = _order(xs, ys)
-    return _combine([(1.0, larger), (-_coefficient(larger, smaller), smaller)], like=(xs, ys))
+    projection = _project(larger, smaller)
+    return _combine([(1.0, larger), (-projection.k, projection.unit)], like=(xs, ys))
 
 
 def _alphaless(noise: Vector, task: Vector) -> list[Tensor]:
     # Task first: on exactly equal norms the task gradient is the one kept whole.
     smaller, larger, _ = _order(task, noise)
-    keep = 1.0 - _coefficient(larger, smaller)
-    return _combine([(1.0, larger), (keep, smaller)], like=(noise, task))
+    projection = _project(larger, smaller)
+    terms = [(1.0, smaller), (1.0, larger), (-projection.k, projection.unit)]
+    return _combine(terms, like=(noise, task))
 
 
 def _equivalent_alpha(noise: Vector, task: Vector) -> tuple[Tensor, Tensor]:
     smaller, larger, noise_smaller = _order(task, noise)
-    c = _coefficient(larger, smaller)  # <n, t> / ||S||^2 whichever of n, t is S
+    projection = _project(larger, smaller)
+    c = projection.k / projection.m  # <n, t> / ||S||^2 whichever of n, t is S
     # a + b = 2 - c in both cases; alpha = a / (a + b) is 1 / scale (noise larger, a = 1) or
     # 1 - 1 / scale (task larger, a = 1 - c). This form stays finite when c overflows to inf.
     scale = 2.0 - c
@@ -168,8 +200,8 @@ def vector_projection(
     ``<., .>`` is the inner product of the flattened tensors.
     """
     _check_pair([tensor_a], [tensor_b], "tensor_a", "tensor_b", indexed=False)
-    coefficient = _coefficient([tensor_a], [tensor_b])
-    return _combine([(coefficient, [tensor_b])], like=([tensor_a], [tensor_b]))[0]
+    projection = _project([tensor_a], [tensor_b])
+    return _combine([(projection.k, projection.unit)], like=([tensor_a], [tensor_b]))[0]
 
 
 def order_tensors_by_norm(
@@ -179,7 +211,9 @@ def order_tensors_by_norm(
 
     Default: the 2-norm of the flattened tensor (computed in float64 unless ``dtype`` is given);
     ``ord=1``, ``ord=float("inf")`` etc. pass through. Stable: on equal norms the given order is
-    kept, i.e. ``(tensor_a, tensor_b)``. The kwargs must reduce each tensor to one number.
+    kept, i.e. ``(tensor_a, tensor_b)``. The kwargs must reduce each tensor to one number. Each
+    tensor is divided by a power of two before the norm and the norm scaled back, so tensors whose
+    squared entries would underflow (norms below ~1e-154 in float64) still compare correctly.
     """
     _check_pair([tensor_a], [tensor_b], "tensor_a", "tensor_b", indexed=False)
     smaller, larger, _ = _order([tensor_a], [tensor_b], **kwargs)
@@ -235,8 +269,9 @@ def calculate_equivalent_alpha_and_scaling_factor(
 
     Write ``g = a n + b t``; then ``scale = a + b`` and ``alpha = a / (a + b)``. With
     ``c = <n, t> / ||S||^2`` (``c = 0`` when ``S = 0``): if ``||n|| >= ||t||`` (noise larger),
-    ``a = 1, b = 1 - c``; otherwise ``a = 1 - c, b = 1``. ``alpha`` may leave ``[0, 1]``: e.g.
-    ``alpha > 1`` when the noise gradient is larger and points along the task gradient.
+    ``a = 1, b = 1 - c``; otherwise ``a = 1 - c, b = 1``. In both cases ``scale = 2 - c``, and
+    ``alpha`` may leave ``[0, 1]``: with the noise gradient larger, ``alpha = 1 / (2 - c)`` is
+    above 1 for ``1 < c < 2`` and negative for ``c > 2``.
 
     Degenerate case ``a + b == 0`` (``c == 2``, e.g. ``n`` larger and ``<n, t> = 2 ||t||^2``): ``g``
     is ``+-(n - t)``, not a multiple of any composite direction with finite ``alpha``. Then

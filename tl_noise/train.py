@@ -430,7 +430,7 @@ def fit(
         writer.append_history(pending)
         summary = {
             "importance": importance.tolist() if importance is not None else None,
-            "ranking": _ranking(importance),
+            "ranking": rank_heads(importance),
             "seconds": result.seconds,
             "final_loss": history[-1]["loss"] if history else None,
         }
@@ -516,7 +516,8 @@ def _safe_importance(noise: NoiseHooks) -> Tensor | None:
     return None if torch.isnan(imp).all() else imp
 
 
-def _ranking(importance: Tensor | None) -> list[dict[str, Any]]:
+def rank_heads(importance: Tensor | None) -> list[dict[str, Any]]:
+    """Heads sorted by importance (most important first): layer, head, importance, std."""
     if importance is None:
         return []
     n_heads = importance.shape[1]
