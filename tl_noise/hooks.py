@@ -270,6 +270,15 @@ class NoiseHooks(nn.Module):
         return noise_hook
 
     # ------------------------------------------------------------- sampling
+    def set_batch_shard(self, offset: int, global_batch: int) -> None:
+        """Draw noise as rows ``offset:offset+b`` of a ``global_batch`` draw (data parallel)."""
+        for _, layer in self.items():
+            layer.batch_shard = (offset, global_batch)
+
+    def clear_batch_shard(self) -> None:
+        for _, layer in self.items():
+            layer.batch_shard = None
+
     def manual_seed(self, seed: int | None) -> None:
         """Seed the noise: the same seed gives identical noise; ``None`` uses torch's global RNG."""
         self.seed = seed

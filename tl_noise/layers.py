@@ -224,6 +224,7 @@ class NoiseLayer(nn.Module):
         self.register_buffer("natural_scale", torch.ones(self.unit_shape))
         self.register_buffer("calibrated", torch.tensor(False))
         self._last_std: Tensor | None = None
+        self.batch_shard: tuple[int, int] | None = None  # (row offset, global batch) when sharded
 
     # ------------------------------------------------------------------ shapes
     def _std_range(self) -> tuple[float, float]:
@@ -317,15 +318,18 @@ class NoiseLayer(nn.Module):
         return t.reshape(1, 1, *self._trailing(t.shape))
 
     def _eps(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
-        if self.covariance is None:
-            return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        trailing = x.shape[2:] if self.covariance is None else (self.covariance.rank,)
+        batch = x.shape[0]
+        offset, total = self.batch_shard or (0, batch)
+        # a data-parallel rank draws the noise of the whole global batch and keeps its rows, so
+        # N processes reproduce one process on the concatenated batch exactly
         eps = torch.randn(
-            (*x.shape[:2], self.covariance.rank),
+            (total, x.shape[1], *trailing),
             generator=generator,
             device=x.device,
             dtype=torch.float32,
-        )
-        return self.covariance.factor_matmul(eps)
+        )[offset : offset + batch]
+        return eps if self.covariance is None else self.covariance.factor_matmul(eps)
 
     # ------------------------------------------------------------ calibration
     @torch.no_grad()

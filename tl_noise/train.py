@@ -35,6 +35,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tl_noise import distributed
 from tl_noise.analysis import head_importance
 from tl_noise.hooks import NoiseHooks, model_fingerprint
 from tl_noise.models import model_name
@@ -42,6 +43,7 @@ from tl_noise.objectives import (
     NOISE_LOSSES,
     cross_entropy,
     kl_divergence,
+    next_token_mask,
     noise_loss,
     resolve_objective,
 )
@@ -309,8 +311,9 @@ def fit(
         "n_positions": int(tokens.shape[1]),
         "budget_lr": budget_lr if mode == "budget" else None,
     }
+    ctx = distributed.setup()
     writer = None
-    if run_dir is not None:
+    if run_dir is not None and ctx.is_main:
         config = {
             "model": {
                 "name": model_name(model),
@@ -327,11 +330,13 @@ def fit(
         writer = RunWriter(run_dir, config, resume=resume)
 
     params = [p for p in noise.parameters() if p.requires_grad]
+    if ctx.active and batch_size < ctx.world:
+        raise ValueError(f"batch_size={batch_size} must be >= the number of ranks ({ctx.world})")
     optimizer = torch.optim.Adam(noise.param_groups(lr))
     log_lambda = 0.0
     start = 0
     if resume:
-        found = latest_checkpoint(writer.path) if writer else None
+        found = latest_checkpoint(run_dir) if run_dir is not None else None
         if found is None:
             raise ValueError(f"resume=True but {str(run_dir)!r} has no checkpoint yet")
         start, folder = found
@@ -340,7 +345,8 @@ def fit(
         noise.load_state_dict(loaded.state_dict())
         _load_optimizer(optimizer, state["optimizer"], opt_tensors)
         log_lambda = float(state.get("log_lambda", 0.0))
-        writer.truncate_history(start)
+        if writer:
+            writer.truncate_history(start)
 
     targets = CleanTargets(model, noise, tokens, mask, clean_cache_mb) if kind == "kl" else None
     device = targets.noise_device() if targets else next(iter(params)).device
@@ -351,32 +357,50 @@ def fit(
     began = time.time()
     if writer:
         writer.status("running", start)
-    bar = tqdm(range(start, steps), disable=quiet, desc="fitting noise", initial=start, total=steps)
+    bar = tqdm(
+        range(start, steps),
+        disable=quiet or not ctx.is_main,
+        desc="fitting noise",
+        initial=start,
+        total=steps,
+    )
     noise.train()
     for step in bar:
-        idx = batch_indices(tokens.shape[0], batch_size, seed, step)
+        idx, offset = distributed.shard(batch_indices(tokens.shape[0], batch_size, seed, step), ctx)
+        if ctx.active:
+            noise.set_batch_shard(offset, min(batch_size, tokens.shape[0]))
         batch = {"tokens": tokens[idx].to(device), "loss_mask": mask[idx].to(device), "index": idx}
         batch.update({k: v[idx].to(device) for k, v in extras.items()})
         noise.manual_seed(int(_step_generator(seed, step).initial_seed() % (2**31)))
         logits = model(batch["tokens"])
         if kind == "kl":
             task_loss = kl_divergence(targets(idx).to(logits.device), logits[batch["loss_mask"]])
+            terms = float(batch["loss_mask"].sum())
         elif kind == "ce":
             task_loss = cross_entropy(logits, batch["tokens"], batch["loss_mask"])
+            terms = float(next_token_mask(batch["loss_mask"])[:, :-1].sum())
         else:
             task_loss = metric_fn(logits, batch)
+            terms = float(len(idx))
         n_loss = noise_loss([layer.std_for_loss() for layer in layers], noise_loss_kind)
         lam = math.exp(log_lambda)
-        if not (torch.isfinite(task_loss) and torch.isfinite(n_loss)):
+        g_noise = _grads(n_loss, params, retain=has_estimator)
+        g_task = _grads(task_loss, params, retain=False) if torch.isfinite(task_loss) else None
+        # a rank's shard counts in proportion to its loss terms (masked rows or examples)
+        weight = terms / distributed.all_sum(terms, ctx, device) if ctx.active else 1.0
+        task_value = distributed.all_sum(task_loss.item() * weight, ctx, device)
+        if not (math.isfinite(task_value) and torch.isfinite(n_loss) and g_task is not None):
             msg = (
-                f"non-finite loss at step {step} (task {float(task_loss)}, noise {float(n_loss)}); "
+                f"non-finite loss at step {step} (task {task_value}, noise {n_loss.item()}); "
                 "the noise parameters were left at the last finite step"
             )
             if writer:
                 writer.status("failed", step, msg + "; the last good checkpoint is kept")
             raise FloatingPointError(msg)
-        g_noise = _grads(n_loss, params, retain=has_estimator)
-        g_task = _grads(task_loss, params, retain=False)
+        g_task = distributed.weighted_sum(g_task, weight, ctx)
+        if has_estimator:
+            g_noise = distributed.weighted_sum(g_noise, len(idx) / batch_size, ctx)
+        task_loss = torch.tensor(task_value)
         if mode == "alphaless":
             g = alphaless_gradients(g_noise, g_task)
         elif mode == "composite":
@@ -416,6 +440,7 @@ def fit(
             )
             writer.status("running" if done < steps else "completed", done)
     bar.close()
+    noise.clear_batch_shard()
     noise.train()
     stds = noise.stds()
     importance = _safe_importance(noise)
