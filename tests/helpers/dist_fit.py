@@ -1,0 +1,61 @@
+"""Worker for tests/test_distributed.py: `torchrun --nproc_per_node=2 dist_fit.py OUT [RUN_DIR]`.
+
+Each rank fits the same noise on the same data; rank r writes its final noise parameters to
+OUT/rank{r}.safetensors. The run directory (if given) is written by rank 0 alone.
+"""
+
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+import tl_noise as tn
+from tl_noise.train import fit
+
+CONFIG = dict(
+    n_layers=2,
+    d_model=32,
+    n_heads=4,
+    d_head=8,
+    d_vocab=50,
+    n_ctx=24,
+    d_mlp=64,
+    act_fn="gelu",
+    seed=0,
+)
+
+
+def data():
+    tokens = torch.randint(0, 50, (24, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[:, 4:] = True
+    return tokens, mask
+
+
+def run(run_dir=None, quiet=True):
+    torch.set_num_threads(1)
+    model = tn.build_native_model(CONFIG)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tokens, mask = data()
+    with tn.attach_noise(model, "blocks.*.attn.hook_z", calibration_tokens=tokens) as noise:
+        fit(
+            model,
+            noise,
+            tokens,
+            loss_mask=mask,
+            steps=4,
+            batch_size=8,
+            lr=0.05,
+            quiet=quiet,
+            run_dir=run_dir,
+        )
+        return {k: v.detach().clone() for k, v in noise.state_dict().items()}
+
+
+if __name__ == "__main__":
+    import torch.distributed as dist
+
+    state = run(sys.argv[2] if len(sys.argv) > 2 else None, quiet=False)
+    save_file(state, f"{sys.argv[1]}/rank{dist.get_rank()}.safetensors")
+    dist.destroy_process_group()
