@@ -37,6 +37,8 @@ from tl_noise.projection import (
     project_out_smaller_tensor,
     vector_projection,
 )
+from tl_noise.tasks import Task
+from tl_noise.train import FitResult, fit
 
 __version__ = "0.1.0"
 
@@ -45,6 +47,7 @@ __all__ = [
     "DiagonalCovariance",
     "DirectStandardDeviationParameterization",
     "FactorizedCovariance",
+    "FitResult",
     "GaussianNoise",
     "KroneckerCovariance",
     "LowRankCovariance",
@@ -57,10 +60,12 @@ __all__ = [
     "ScaledStandardDeviationParameterization",
     "SoftplusStandardDeviationParameterization",
     "Standard",
+    "Task",
     "StandardDeviationParameterization",
     "alphaless_gradient",
     "attach_noise",
     "build_native_model",
+    "fit",
     "calculate_equivalent_alpha_and_scaling_factor",
     "head_importance",
     "load_embedded_model",
