@@ -28,7 +28,7 @@ from jaxtyping import Int
 from torch import Tensor, nn
 
 from tl_noise.covariance import FactorizedCovariance
-from tl_noise.io import read_json, read_tensors, write_json, write_tensors
+from tl_noise.io import atomic_write_files, json_bytes, read_json, read_tensors, tensor_bytes
 from tl_noise.layers import NOISE_MODES, NoiseLayer, RhoEstimator, param_shape_for
 from tl_noise.parameterizations import StandardDeviationParameterization
 from tl_noise.parametrizations import param_groups
@@ -62,6 +62,37 @@ def check_model(model: Any) -> None:
         )
 
 
+def check_tokens(model: Any, tokens: Any, what: str = "tokens") -> None:
+    """TypeError/ValueError naming the problem unless ``tokens`` is a non-empty ``[n, pos]``
+    integer tensor of ids in ``[0, d_vocab)`` on a real device."""
+    kind = f"{what} must be an int tensor [n, pos]"
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"{kind}, got {type(tokens).__name__}")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise TypeError(f"{kind}, got dtype {tokens.dtype}")
+    if tokens.ndim != 2:
+        raise TypeError(f"{kind}, got shape {list(tokens.shape)}")
+    if tokens.device.type == "meta":
+        raise ValueError(f"{what} are on the meta device (no data); pass real token ids")
+    if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ValueError(f"{what} has shape {list(tokens.shape)}: the dataset is empty")
+    vocab = int(model.cfg.d_vocab)
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(
+            f"{what} must lie in [0, {vocab - 1}] (d_vocab={vocab}); found [{low}, {high}]"
+        )
+
+
+def _check_finite_stats(stats: dict[str, dict[str, Any]], names: list[str]) -> None:
+    bad = [n for n in names if n in stats and not bool(torch.isfinite(stats[n]["std"]).all())]
+    if bad:
+        raise FloatingPointError(
+            f"the model's activations at {bad} are not finite (NaN/inf) on the calibration "
+            "tokens; check the model's weights and dtype"
+        )
+
+
 def model_fingerprint(model: Any) -> dict[str, Any]:
     """The config fields that decide whether saved noise fits a model."""
     cfg = model.cfg
@@ -92,7 +123,10 @@ def resolve_hook_names(model: Any, hooks: HookSpec) -> list[str]:
         if not matched:
             raise ValueError(f"the hook predicate {hooks!r} selected no hook point of the model")
     else:
-        specs = [hooks] if isinstance(hooks, str) else list(hooks)
+        try:
+            specs = [hooks] if isinstance(hooks, str) else list(hooks)
+        except TypeError:
+            specs = []
         if not specs or not all(isinstance(s, str) for s in specs):
             raise TypeError(
                 f"hooks={hooks!r}; expected a name, a glob pattern, a list, or a callable"
@@ -265,6 +299,12 @@ class NoiseHooks(nn.Module):
 
     def _hook_fn(self, layer: NoiseLayer) -> Callable:
         def noise_hook(activation: Tensor, hook: Any) -> Tensor:
+            if activation.device != layer.natural_scale.device:
+                raise ValueError(
+                    f"the noise layer at {layer.name!r} is on {layer.natural_scale.device} but "
+                    f"the activation there is on {activation.device}; attach the noise after "
+                    "moving the model (each layer follows its hook's device)"
+                )
             return layer(activation, generator=self.generator(activation.device))
 
         return noise_hook
@@ -348,6 +388,7 @@ class NoiseHooks(nn.Module):
         finally:
             for name, layer in self.items():
                 layer.mode = saved[name]
+        _check_finite_stats(stats, self.hook_names)
         for name, layer in self.items():
             layer.set_natural_scale(stats[name]["std"].to(layer.natural_scale.device))
         self.calibration_source = "data"
@@ -367,11 +408,12 @@ class NoiseHooks(nn.Module):
     def save(self, path: str | Path) -> Path:
         """Write ``noise_config.json`` and ``noise_state.safetensors`` into directory ``path``."""
         path = Path(path)
-        state = {k: v for k, v in self.state_dict().items()}
-        write_tensors(path / STATE_FILE, state)
+        state = tensor_bytes(dict(self.state_dict()))
         config = self.config()
-        config["state_sha256"] = hashlib.sha256((path / STATE_FILE).read_bytes()).hexdigest()
-        write_json(path / CONFIG_FILE, config)
+        config["state_sha256"] = hashlib.sha256(state).hexdigest()
+        # both files are written out before either is renamed into place: a failed write (a
+        # full disk) leaves a previously saved pair intact
+        atomic_write_files({path / STATE_FILE: state, path / CONFIG_FILE: json_bytes(config)})
         return path
 
     @classmethod
@@ -380,6 +422,15 @@ class NoiseHooks(nn.Module):
         check_model(model)
         if not isinstance(config, dict) or config.get("format") != "tl-noise/noise-hooks":
             raise ValueError("not a tl-noise noise config (missing format 'tl-noise/noise-hooks')")
+        for key, kind in (("fingerprint", dict), ("order", list), ("hooks", dict)):
+            if not isinstance(config.get(key), kind):
+                raise ValueError(
+                    f"malformed tl-noise noise config: {key!r} is {config.get(key)!r}, expected "
+                    f"a JSON {'object' if kind is dict else 'list'}"
+                )
+        unlisted = [n for n in config["order"] if n not in config["hooks"]]
+        if unlisted:
+            raise ValueError(f"malformed tl-noise noise config: no settings for hooks {unlisted}")
         mismatch = {
             k: (v, model_fingerprint(model).get(k))
             for k, v in config["fingerprint"].items()
@@ -396,7 +447,14 @@ class NoiseHooks(nn.Module):
             raise ValueError(
                 f"the model has no hook point(s) {missing} that the noise was saved for"
             )
-        layers = {n: NoiseLayer.from_config(config["hooks"][n], name=n) for n in config["order"]}
+        try:
+            layers = {
+                n: NoiseLayer.from_config(config["hooks"][n], name=n) for n in config["order"]
+            }
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ValueError(
+                f"malformed tl-noise noise config: bad layer settings ({err!r})"
+            ) from err
         device = _model_device(model)
         hooks = cls(model, layers, seed=config.get("seed", 0)).to(device)
         hooks.calibration_source = config.get("calibration_source", "none")
@@ -411,7 +469,10 @@ class NoiseHooks(nn.Module):
         expected = config.get("state_sha256") if isinstance(config, dict) else None
         if expected and hashlib.sha256((path / STATE_FILE).read_bytes()).hexdigest() != expected:
             raise ValueError(f"{str(path / STATE_FILE)!r} does not match its config (checksum)")
-        hooks = cls.from_config(config, model)
+        try:
+            hooks = cls.from_config(config, model)
+        except ValueError as err:
+            raise ValueError(f"cannot load the noise in {str(path)!r}: {err}") from err
         own = hooks.state_dict()
         bad = sorted(set(own) ^ set(state))
         if bad:
@@ -467,16 +528,18 @@ def attach_noise(
     Shapes are checked now, with a probe forward pass, not at the first training step.
     """
     check_model(model)
+    if parameterization is not None and not isinstance(
+        parameterization, StandardDeviationParameterization
+    ):
+        raise TypeError(
+            f"parameterization={parameterization!r}; expected a StandardDeviationParameterization "
+            "(e.g. tl_noise.CloakStandardDeviationParameterization()) or None"
+        )
     names = resolve_hook_names(model, hooks)
     source = "data" if calibration_tokens is not None else "random"
     if calibration_tokens is None:
         calibration_tokens = default_probe_tokens(model)
-    if not (
-        isinstance(calibration_tokens, Tensor)
-        and calibration_tokens.ndim == 2
-        and not calibration_tokens.is_floating_point()
-    ):
-        raise TypeError("calibration_tokens must be an int tensor [n, pos]")
+    check_tokens(model, calibration_tokens, "calibration_tokens")
     explicit = isinstance(hooks, str) and not any(c in hooks for c in "*?[")
     explicit = explicit or (
         not callable(hooks)
@@ -491,6 +554,7 @@ def attach_noise(
         )
     names = [n for n in names if n not in unsupported]
     stats = collect_activation_stats(model, names, calibration_tokens, require_all=explicit)
+    _check_finite_stats(stats, names)
     silent = [n for n in names if n not in stats]
     if silent:
         warnings.warn(f"skipping hook points that never fire: {silent}", stacklevel=2)

@@ -3,7 +3,9 @@
 Every file tl-noise writes goes through :func:`atomic_write_bytes`: the bytes land in a temporary
 file in the same directory, are fsync'ed, and the file is renamed over the target. A reader (the
 live dashboard) or a process killed mid-write therefore sees either the old file or the new one,
-never half of one.
+never half of one; a failed write (a full disk) leaves the old file and raises an OSError naming
+the target. The one exception, the append-only run history, goes through :func:`append_bytes`,
+which cuts a failed append back off.
 """
 
 from __future__ import annotations
@@ -20,22 +22,28 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+def _write_all(fd: int, data: bytes, path: Path) -> None:
+    """The low-level write: all of ``data`` to the open file ``fd`` (destined for ``path``).
+
+    Every byte tl-noise writes passes through here (tests replace it to simulate a full disk).
+    """
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _with_path(err: BaseException, path: Path) -> BaseException:
+    """An OSError that names ``path`` (ENOSPC from ``write`` carries no file name)."""
+    if not isinstance(err, OSError) or err.filename is not None:
+        return err
+    reason = err.strerror or str(err) or type(err).__name__
+    message = f"could not write {str(path)!r}: {reason}"
+    return OSError(err.errno, message) if err.errno is not None else OSError(message)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:  # make renames in ``folder`` durable
+        dir_fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
@@ -44,9 +52,87 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         pass
 
 
+def _write_temporary(path: Path, data: bytes) -> str:
+    """Write ``data`` to a fsync'ed temporary file beside ``path``; return its name. On any
+    failure the temporary file is removed and ``path`` is untouched."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        try:
+            _write_all(fd, data, path)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        wrapped = _with_path(err, path)
+        if wrapped is err:
+            raise
+        raise wrapped from err
+    return tmp
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename).
+
+    A failure (full disk, I/O error, a kill) leaves the previous content of ``path`` in place;
+    an OSError names ``path``.
+    """
+    atomic_write_files({Path(path): data})
+
+
+def atomic_write_files(files: dict[Path, bytes]) -> None:
+    """Write several files so that a failed write changes none of them: every temporary file is
+    written and fsync'ed before the first rename (used for files that must agree, such as a
+    noise state and the config holding its checksum)."""
+    written: list[tuple[str, Path]] = []
+    try:
+        for path, data in files.items():
+            written.append((_write_temporary(Path(path), data), Path(path)))
+        for tmp, path in written:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in written:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    for folder in dict.fromkeys(path.parent for _, path in written):
+        _fsync_dir(folder)
+
+
+def append_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Append ``data`` to ``path`` with one write and fsync it. If the write fails (a full disk)
+    the file is cut back to its previous length, so it never keeps part of ``data``."""
+    path = Path(path)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            _write_all(fd, data, path)
+            os.fsync(fd)
+        except BaseException as err:
+            os.ftruncate(fd, size)
+            wrapped = _with_path(err, path)
+            if wrapped is err:
+                raise
+            raise wrapped from err
+    finally:
+        os.close(fd)
+
+
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as the indented, key-sorted JSON text tl-noise writes."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    """A dict of tensors as safetensors bytes (contiguous CPU copies)."""
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return save_safetensors_bytes(cpu)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Atomically write ``obj`` as indented JSON."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, json_bytes(obj))
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
@@ -62,8 +148,7 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
 
 def write_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
     """Atomically write a dict of tensors as safetensors (contiguous CPU copies)."""
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path, save_safetensors_bytes(cpu))
+    atomic_write_bytes(path, tensor_bytes(tensors))
 
 
 def read_tensors(path: str | os.PathLike, what: str = "file") -> dict[str, torch.Tensor]:

@@ -294,19 +294,26 @@ class NoiseLayer(nn.Module):
         if self.mode == "off":
             return x
         n_pos = x.shape[1]
-        noise = torch.zeros((), device=x.device)
-        if self.mean is not None:
-            noise = self._param_view(self.mean, n_pos)
-        if self.mode == "sample":
-            rhos = self._rhos(x)
-            if self.estimator is None:
-                std = self._param_view(self.parameterization(rhos), n_pos)
-            else:
-                std_full = self.parameterization(rhos)
-                self._last_std = std_full if self.training else std_full.detach()
-                std = std_full.reshape(*std_full.shape[:2], *self._trailing(std_full.shape[2:]))
-            noise = noise + std * self._eps(x, generator)
-        return x + (noise * self.natural_scale).to(x.dtype)
+        scale = self.natural_scale
+        # shift and scale are small ([1, pos | 1, *unit]) unless an estimator makes the std
+        # depend on the input; the full-size work is one randn and one fused x + eps * scale
+        shift = self._param_view(self.mean, n_pos) * scale if self.mean is not None else None
+        if self.mode != "sample":
+            return x if shift is None else x + shift.to(x.dtype)
+        rhos = self._rhos(x)
+        if self.estimator is None:
+            std = self._param_view(self.parameterization(rhos), n_pos)
+        else:
+            std_full = self.parameterization(rhos)
+            self._last_std = std_full if self.training else std_full.detach()
+            std = std_full.reshape(*std_full.shape[:2], *self._trailing(std_full.shape[2:]))
+        eps = self._eps(x, generator)
+        if x.dtype == eps.dtype:  # (noise kept in another dtype, e.g. float64, is cast first)
+            base = x if shift is None else x + shift.to(x.dtype)
+            return torch.addcmul(base, eps, (std * scale).to(x.dtype))
+        noise = eps * (std * scale)
+        noise = noise if shift is None else noise + shift
+        return x + noise.to(x.dtype)
 
     def _trailing(self, base_shape: torch.Size) -> list[int]:
         return list(base_shape) + [1] * (len(self.unit_shape) - len(base_shape))

@@ -20,6 +20,7 @@ The three ways of combining them (``composite``, ``alphaless``, ``budget``) live
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,98 @@ def kl_divergence(
     return (clean.exp() * (clean - noised)).sum(-1).mean()
 
 
+def _acc(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
+def _row_blocks(probs: Sequence[Tensor], width: int, device: torch.device):
+    """``(row slice, probs block)`` over the concatenated rows of ``probs``, in blocks small
+    enough to stay in cache on the CPU (one block per piece on an accelerator)."""
+    rows_per_block = max(1, 2**18 // max(1, width)) if device.type == "cpu" else 2**62
+    row = 0
+    for piece in probs:
+        for start in range(0, piece.shape[0], rows_per_block):
+            block = piece[start : start + rows_per_block]
+            yield slice(row + start, row + start + block.shape[0]), block
+        row += piece.shape[0]
+
+
+class _KLFromProbs(torch.autograd.Function):
+    """Mean ``KL(p || softmax(z))`` from cached ``p`` and ``sum p log p``, one big buffer.
+
+    Forward: ``lsm = log_softmax(z)`` (float32) and the row sums ``sum_v p lsm`` (accumulated in
+    float64, block by block); backward turns the saved ``lsm`` into ``(softmax(z) - p) * g / m``
+    in place. Nothing the size of the logits is allocated besides ``lsm``, the logits are not
+    kept (the caller may free them before the backward), and ``p`` may come as several row
+    blocks (the per-example pieces of a cache), which are never concatenated.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, neg_entropy: Tensor, *probs: Tensor) -> Tensor:
+        lsm = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+        if sum(p.shape[0] for p in probs) != lsm.shape[0]:
+            raise ValueError(
+                f"the clean distributions have {sum(p.shape[0] for p in probs)} rows, the "
+                f"logits {lsm.shape[0]}"
+            )
+        cross = torch.cat(
+            [
+                (block * lsm[rows]).sum(-1, dtype=_acc(lsm.device))
+                for rows, block in _row_blocks(probs, lsm.shape[-1], lsm.device)
+            ]
+        )
+        ctx.lsm, ctx.dtype = lsm, logits.dtype
+        ctx.save_for_backward(*probs)
+        return (neg_entropy.to(cross.dtype) - cross).mean().float()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        lsm = ctx.lsm
+        if lsm is None:
+            raise RuntimeError(
+                "kl_divergence_from_probs: its graph was already backpropagated once (the "
+                "buffer is reused for the gradient); compute the loss again"
+            )
+        ctx.lsm = None
+        scale = grad / lsm.shape[0]
+        for rows, block in _row_blocks(ctx.saved_tensors, lsm.shape[-1], lsm.device):
+            lsm[rows].exp_().sub_(block).mul_(scale)  # (softmax(z) - p) * g / m, in place
+        return (lsm.to(ctx.dtype), None, *([None] * len(ctx.saved_tensors)))
+
+
+def kl_divergence_from_probs(
+    clean_probs: Tensor | Sequence[Tensor],
+    clean_neg_entropy: Float[Tensor, " m"],
+    noised_logits: Float[Tensor, "m vocab"],
+) -> Float[Tensor, ""]:
+    """:func:`kl_divergence` from the clean *probabilities* and ``sum_v p_c log p_c`` per row.
+
+    ``KL = sum_v p_c log p_c - sum_v p_c log p_n``: the first term is fixed by the clean run, so
+    a training step pays for one ``log_softmax`` of the noised logits and one dot per row (no
+    ``exp`` of the clean distribution, no elementwise difference tensor), and its backward reuses
+    the ``log_softmax`` buffer for the gradient ``(p_n - p_c) / m``. ``clean_probs`` may be a list
+    of row blocks (concatenated along rows, never copied). The graph can be backpropagated once.
+    """
+    pieces = [clean_probs] if isinstance(clean_probs, Tensor) else list(clean_probs)
+    pieces = [p.to(device=noised_logits.device, dtype=torch.float32) for p in pieces]
+    return _KLFromProbs.apply(noised_logits, clean_neg_entropy.to(noised_logits.device), *pieces)
+
+
+@torch.no_grad()
+def clean_distribution(logits: Float[Tensor, "m vocab"]) -> tuple[Tensor, Tensor]:
+    """``(p, sum_v p log p)`` of clean logits: float32 probabilities and float64 row sums
+    (float32 on MPS), the inputs of :func:`kl_divergence_from_probs`."""
+    log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    low = torch.finfo(torch.float32).min  # where p underflows to 0, 0 * -inf would be nan
+    neg_entropy = torch.cat(
+        [
+            (block.exp() * block.clamp_min(low)).sum(-1, dtype=_acc(block.device))
+            for _, block in _row_blocks([log_probs], log_probs.shape[-1], log_probs.device)
+        ]
+    )
+    return log_probs.exp_(), neg_entropy  # p in the buffer of log p: no second full tensor
+
+
 def cross_entropy(
     logits: Float[Tensor, "b pos vocab"],
     tokens: Int[Tensor, "b pos"],
@@ -110,8 +203,10 @@ def resolve_objective(
 __all__ = [
     "NOISE_LOSSES",
     "OBJECTIVES",
+    "clean_distribution",
     "cross_entropy",
     "kl_divergence",
+    "kl_divergence_from_probs",
     "next_token_mask",
     "noise_loss",
     "resolve_objective",

@@ -23,6 +23,7 @@ The same per-step quantities feed the run directory (:mod:`tl_noise.runs`).
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import math
 import time
 from collections.abc import Callable
@@ -37,12 +38,13 @@ from tqdm.auto import tqdm
 
 from tl_noise import distributed
 from tl_noise.analysis import head_importance
-from tl_noise.hooks import NoiseHooks, model_fingerprint
+from tl_noise.hooks import NoiseHooks, check_model, check_tokens, model_fingerprint
 from tl_noise.models import model_name
 from tl_noise.objectives import (
     NOISE_LOSSES,
+    clean_distribution,
     cross_entropy,
-    kl_divergence,
+    kl_divergence_from_probs,
     next_token_mask,
     noise_loss,
     resolve_objective,
@@ -77,24 +79,14 @@ def _check_positive_int(name: str, value: Any) -> int:
 def _check_inputs(
     model: Any, noise: NoiseHooks, tokens: Tensor, loss_mask: Tensor | None
 ) -> Tensor:
+    check_model(model)
     if not isinstance(noise, NoiseHooks):
         raise TypeError(
             f"noise must be NoiseHooks from tl_noise.attach_noise, got {type(noise).__name__}"
         )
     if noise.model is not model:
         raise ValueError("noise is attached to a different model than the one passed to fit")
-    if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.is_floating_point():
-        raise TypeError(
-            f"tokens must be an int tensor [n, pos], got {getattr(tokens, 'dtype', type(tokens))}"
-        )
-    if tokens.shape[0] == 0 or tokens.shape[1] == 0:
-        raise ValueError(f"tokens has shape {list(tokens.shape)}: the dataset is empty")
-    vocab = int(model.cfg.d_vocab)
-    low, high = int(tokens.min()), int(tokens.max())
-    if low < 0 or high >= vocab:
-        raise ValueError(
-            f"tokens must lie in [0, {vocab - 1}] (d_vocab={vocab}); found [{low}, {high}]"
-        )
+    check_tokens(model, tokens)
     if loss_mask is None:
         return torch.ones_like(tokens, dtype=torch.bool)
     if (
@@ -107,6 +99,8 @@ def _check_inputs(
             f"{getattr(loss_mask, 'dtype', type(loss_mask))} "
             f"{list(getattr(loss_mask, 'shape', []))}"
         )
+    if loss_mask.device.type == "meta":
+        raise ValueError("loss_mask is on the meta device (no data); pass a real bool mask")
     if not loss_mask.any():
         raise ValueError("loss_mask selects no position: nothing to preserve")
     return loss_mask
@@ -126,24 +120,39 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> Tensor:
 
 
 class CleanTargets:
-    """Clean next-token log-probabilities at masked positions, cached while under a budget."""
+    """Clean next-token distributions at masked positions, cached while under a budget.
+
+    Stored as float32 probabilities ``p`` (one block of rows per example) and the row sums
+    ``sum_v p log p`` (:func:`tl_noise.objectives.clean_distribution`), which is what
+    :func:`tl_noise.objectives.kl_divergence_from_probs` needs: a step pays for no ``exp`` of the
+    clean distribution and no concatenation of the cached rows. When the dataset's rows exceed
+    ``cache_mb``, each batch's targets are computed once, without gradients, in the step. The
+    cache is built in chunks of ``chunk`` examples, so building it needs no more memory than a
+    step.
+    """
 
     def __init__(
-        self, model: Any, noise: NoiseHooks, tokens: Tensor, mask: Tensor, cache_mb: float
+        self,
+        model: Any,
+        noise: NoiseHooks,
+        tokens: Tensor,
+        mask: Tensor,
+        cache_mb: float,
+        chunk: int = 32,
     ):
         self.model, self.noise, self.tokens, self.mask = model, noise, tokens, mask
         rows = int(mask.sum())
-        self.cache: list[Tensor] | None = None
+        self.cache: list[tuple[Tensor, Tensor]] | None = None
         if rows * int(model.cfg.d_vocab) * 4 <= cache_mb * 2**20:
             self.cache = []
-            for start in range(0, tokens.shape[0], 32):
-                idx = torch.arange(start, min(start + 32, tokens.shape[0]))
-                logp = self._compute(idx)
+            for start in range(0, tokens.shape[0], chunk):
+                idx = torch.arange(start, min(start + chunk, tokens.shape[0]))
+                probs, neg_entropy = self._compute(idx)
                 counts = mask[idx].sum(1).tolist()
-                self.cache.extend(logp.split(counts))
+                self.cache.extend(zip(probs.split(counts), neg_entropy.split(counts), strict=True))
 
     @torch.no_grad()
-    def _compute(self, idx: Tensor) -> Tensor:
+    def _compute(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         saved = self.noise.mode
         self.noise.set_mode("off")
         try:
@@ -151,17 +160,27 @@ class CleanTargets:
             logits = self.model(self.tokens[idx].to(device))
         finally:
             self.noise.set_mode(saved if saved != "mixed" else "sample")
-        return torch.log_softmax(logits[self.mask[idx].to(logits.device)].float(), dim=-1)
+        return clean_distribution(_masked_rows(logits, self.mask[idx].to(logits.device)))
 
     def noise_device(self) -> torch.device:
         for p in self.model.parameters():
             return p.device
         return torch.device("cpu")
 
-    def __call__(self, idx: Tensor) -> Tensor:
+    def __call__(self, idx: Tensor) -> tuple[list[Tensor], Tensor]:
+        """``(probability row blocks, sum p log p per row)`` of the examples ``idx``."""
         if self.cache is not None:
-            return torch.cat([self.cache[i] for i in idx.tolist()])
-        return self._compute(idx)
+            pieces = [self.cache[i] for i in idx.tolist()]
+            return [p for p, _ in pieces], torch.cat([h for _, h in pieces])
+        probs, neg_entropy = self._compute(idx)
+        return [probs], neg_entropy
+
+
+def _masked_rows(logits: Tensor, mask: Tensor) -> Tensor:
+    """``logits[mask]`` as ``[rows, vocab]``; a view, not a copy, when the mask selects all."""
+    if bool(mask.all()):
+        return logits.reshape(-1, logits.shape[-1])
+    return logits[mask]
 
 
 def _per_head_stats(
@@ -169,7 +188,39 @@ def _per_head_stats(
 ) -> dict[str, Any]:
     """Per hook and head: gradient norms, cosine, signed sums, the projected gradient and the
     alpha/scale the alphaless rule gives on that head alone."""
-    out: dict[str, Any] = {}
+    stats = _per_head_tensors(noise, n, t, g)
+    host = {name: value.cpu().tolist() for name, value in stats.items()}
+    return {name: _head_stats_dict(rows) for name, rows in host.items()}
+
+
+_HEAD_STATS = (
+    "noise_norm",
+    "task_norm",
+    "cosine",
+    "noise",
+    "task",
+    "projected",
+    "projected_norm",
+    "alpha",
+    "scale",
+)
+
+
+def _head_stats_dict(rows: list[list[float]]) -> dict[str, Any]:
+    out = dict(zip(_HEAD_STATS, rows, strict=True))
+    out["alpha"] = [_json_float(x) for x in out["alpha"]]
+    return out
+
+
+def _per_head_tensors(
+    noise: NoiseHooks, n: dict[int, Tensor], t: dict[int, Tensor], g: dict[int, Tensor]
+) -> dict[str, Tensor]:
+    """Hook -> ``[len(_HEAD_STATS), heads]`` float32 on the layer's device, without a sync.
+
+    Hooks whose gradients have the same shape and device are stacked and computed together, so
+    the number of tensor operations grows with the number of distinct shapes, not of hooks.
+    """
+    groups: dict[tuple[Any, ...], list[tuple[str, Tensor, Tensor, Tensor]]] = {}
     for name, layer in noise.items():
         if layer.rhos is None or layer.granularity not in ("head", "head_feature"):
             continue
@@ -179,8 +230,12 @@ def _per_head_stats(
         if layer.n_positions is not None:  # sum positions: [pos, heads, ...] -> [heads, ...]
             nn_, tt, gg = nn_.sum(0), tt.sum(0), gg.sum(0)
         nn_, tt, gg = (x.reshape(heads, -1) for x in (nn_, tt, gg))
-        n_norm, t_norm = nn_.norm(dim=1), tt.norm(dim=1)
-        dot = (nn_ * tt).sum(1)
+        groups.setdefault((nn_.device, *nn_.shape), []).append((name, nn_, tt, gg))
+    out: dict[str, Tensor] = {}
+    for members in groups.values():
+        nn_, tt, gg = (torch.stack([m[i] for m in members]) for i in (1, 2, 3))
+        n_norm, t_norm = nn_.norm(dim=-1), tt.norm(dim=-1)
+        dot = (nn_ * tt).sum(-1)
         cosine = dot / (n_norm * t_norm).clamp_min(1e-30)
         n_larger = n_norm >= t_norm
         smaller_sq = torch.where(n_larger, t_norm, n_norm).pow(2)
@@ -191,17 +246,9 @@ def _per_head_stats(
         alpha = torch.where(
             scale != 0, a / torch.where(scale != 0, scale, 1), torch.sign(a) * math.inf
         )
-        out[name] = {
-            "noise_norm": n_norm.tolist(),
-            "task_norm": t_norm.tolist(),
-            "cosine": cosine.tolist(),
-            "noise": nn_.sum(1).tolist(),
-            "task": tt.sum(1).tolist(),
-            "projected": gg.sum(1).tolist(),
-            "projected_norm": gg.norm(dim=1).tolist(),
-            "alpha": [_json_float(x) for x in alpha.tolist()],
-            "scale": scale.tolist(),
-        }
+        columns = (n_norm, t_norm, cosine, nn_.sum(-1), tt.sum(-1), gg.sum(-1))
+        table = torch.stack([*columns, gg.norm(dim=-1), alpha, scale], dim=1)
+        out.update((m[0], table[i]) for i, m in enumerate(members))
     return out
 
 
@@ -289,8 +336,14 @@ def fit(
         isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0
     ):
         raise ValueError(f"budget={budget!r}; mode='budget' needs a finite task-loss budget > 0")
+    if mode == "budget" and not (
+        isinstance(budget_lr, (int, float)) and math.isfinite(budget_lr) and budget_lr > 0
+    ):
+        raise ValueError(f"budget_lr={budget_lr!r}; expected a finite number > 0")
     if not noise.attached:
         raise ValueError("noise is not attached to the model (call noise.attach() first)")
+    # read and check the checkpoint before anything (noise, run directory) is changed
+    checkpoint = _read_resume_checkpoint(model, noise, run_dir) if resume else None
 
     if noise.calibration_source == "random" and not resume:
         noise.calibrate(tokens[: min(64, tokens.shape[0])])
@@ -335,20 +388,20 @@ def fit(
     optimizer = torch.optim.Adam(noise.param_groups(lr))
     log_lambda = 0.0
     start = 0
-    if resume:
-        found = latest_checkpoint(run_dir) if run_dir is not None else None
-        if found is None:
-            raise ValueError(f"resume=True but {str(run_dir)!r} has no checkpoint yet")
-        start, folder = found
-        state, opt_tensors = read_trainer_state(folder)
-        loaded = NoiseHooks.load(folder, model, attach=False)
+    if checkpoint is not None:
+        start, state, opt_tensors, loaded = checkpoint
         noise.load_state_dict(loaded.state_dict())
         _load_optimizer(optimizer, state["optimizer"], opt_tensors)
         log_lambda = float(state.get("log_lambda", 0.0))
         if writer:
             writer.truncate_history(start)
 
-    targets = CleanTargets(model, noise, tokens, mask, clean_cache_mb) if kind == "kl" else None
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    targets = (
+        CleanTargets(model, noise, tokens, mask, clean_cache_mb, chunk=min(32, batch_size))
+        if kind == "kl"
+        else None
+    )
     device = targets.noise_device() if targets else next(iter(params)).device
     history: list[dict[str, Any]] = []
     pending: list[dict[str, Any]] = []
@@ -372,16 +425,22 @@ def fit(
         batch = {"tokens": tokens[idx].to(device), "loss_mask": mask[idx].to(device), "index": idx}
         batch.update({k: v[idx].to(device) for k, v in extras.items()})
         noise.manual_seed(int(_step_generator(seed, step).initial_seed() % (2**31)))
-        logits = model(batch["tokens"])
-        if kind == "kl":
-            task_loss = kl_divergence(targets(idx).to(logits.device), logits[batch["loss_mask"]])
+        # clean targets first: uncached, their transient memory is gone before the noised pass
+        clean = targets(idx) if targets is not None else None
+        logits = _frozen_forward(model, batch["tokens"], frozen)
+        if clean is not None:
+            probs, neg_entropy = clean
+            rows = _masked_rows(logits, batch["loss_mask"])
+            task_loss = kl_divergence_from_probs(probs, neg_entropy, rows)
             terms = float(batch["loss_mask"].sum())
+            del clean, probs, neg_entropy, rows
         elif kind == "ce":
             task_loss = cross_entropy(logits, batch["tokens"], batch["loss_mask"])
             terms = float(next_token_mask(batch["loss_mask"])[:, :-1].sum())
         else:
             task_loss = metric_fn(logits, batch)
             terms = float(len(idx))
+        del logits  # the loss graph keeps what its backward needs; the logits can go now
         n_loss = noise_loss([layer.std_for_loss() for layer in layers], noise_loss_kind)
         lam = math.exp(log_lambda)
         g_noise = _grads(n_loss, params, retain=has_estimator)
@@ -401,8 +460,8 @@ def fit(
         if has_estimator:
             g_noise = distributed.weighted_sum(g_noise, len(idx) / batch_size, ctx)
         task_loss = torch.tensor(task_value)
-        if mode == "alphaless":
-            g = alphaless_gradients(g_noise, g_task)
+        if mode == "alphaless":  # on the concatenated vector: a few ops, however many hooks
+            g = _unflat(alphaless_gradients([_flat(g_noise)], [_flat(g_task)])[0], g_noise)
         elif mode == "composite":
             g = [alpha * a + (1 - alpha) * b for a, b in zip(g_noise, g_task, strict=True)]
         else:
@@ -464,6 +523,38 @@ def fit(
     return result
 
 
+def _read_resume_checkpoint(
+    model: Any, noise: NoiseHooks, run_dir: str | Path | None
+) -> tuple[int, dict[str, Any], dict[str, Tensor], NoiseHooks]:
+    """``(step, trainer state, optimizer tensors, saved noise)`` of the checkpoint a resumed fit
+    starts from; ValueError naming the run when it is missing, unreadable or for other noise."""
+    if run_dir is None:
+        raise ValueError("resume=True needs run_dir, the directory of the run to continue")
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        raise ValueError(f"resume=True but {str(run_dir)!r} has no checkpoint yet")
+    start, folder = found
+    state, opt_tensors = read_trainer_state(folder)
+    loaded = NoiseHooks.load(folder, model, attach=False)
+    theirs = json.loads(json.dumps(loaded.config()["hooks"]))
+    ours = json.loads(json.dumps(noise.config()["hooks"]))
+    problems = []
+    for name in dict.fromkeys(loaded.hook_names + noise.hook_names):
+        a, b = theirs.get(name), ours.get(name)
+        if a is None or b is None:
+            problems.append(f"{name}: {'not in the run' if a is None else 'not in this noise'}")
+            continue
+        problems += [f"{name}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                     if a.get(k) != b.get(k)]  # fmt: skip
+    if not problems and loaded.hook_names != noise.hook_names:
+        problems.append(f"hook order {loaded.hook_names} -> {noise.hook_names}")
+    if problems:
+        raise ValueError(
+            f"cannot resume {str(run_dir)!r} with different noise: {'; '.join(problems)}"
+        )
+    return start, state, opt_tensors, loaded
+
+
 def _grads(loss: Tensor, params: list[Tensor], retain: bool) -> list[Tensor]:
     grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
@@ -472,14 +563,30 @@ def _grads(loss: Tensor, params: list[Tensor], retain: bool) -> list[Tensor]:
 def _record(
     step, noise, params, g_noise, g_task, g, task_loss, n_loss, mode, alpha, lam
 ) -> dict[str, Any]:
-    eq_alpha, eq_scale = equivalent_alpha_and_scaling_factor_of(g_noise, g_task)
-    by_id = {id(p): i for i, p in enumerate(params)}
-    n = {id(p): g_noise[by_id[id(p)]] for p in params}
-    t = {id(p): g_task[by_id[id(p)]] for p in params}
-    gg = {id(p): g[by_id[id(p)]] for p in params}
-    stds = noise.stds()
-    all_std = torch.cat([s.reshape(-1) for s in stds.values()])
-    tl, nl = task_loss.item(), n_loss.item()
+    """One history record (format in :mod:`tl_noise.runs`), with one device->host copy per
+    device: every number is computed where it lives, gathered and copied once."""
+    with torch.no_grad():
+        eq_alpha, eq_scale = equivalent_alpha_and_scaling_factor_of(
+            [_flat(g_noise)], [_flat(g_task)]
+        )
+        by_id = {id(p): i for i, p in enumerate(params)}
+        n = {id(p): g_noise[by_id[id(p)]] for p in params}
+        t = {id(p): g_task[by_id[id(p)]] for p in params}
+        gg = {id(p): g[by_id[id(p)]] for p in params}
+        stds = {name: layer.std().detach().float() for name, layer in noise.items()}
+        heads = _per_head_tensors(noise, n, t, gg)
+        loss = n_loss.detach().float().to(eq_alpha.device)
+        scalars = torch.stack([eq_alpha.float(), eq_scale.float(), loss])
+        first = next(iter(stds.values())).device
+        parts = {
+            "scalars": scalars,
+            "mean_std": torch.cat([s.reshape(-1).to(first) for s in stds.values()]).mean(),
+            **{f"std:{k}": v for k, v in stds.items()},
+            **{f"grad:{k}": v for k, v in heads.items()},
+        }
+        host = _to_host(parts)
+    eq_a, eq_s, nl = host["scalars"]
+    tl = task_loss.item()
     total = {
         "alphaless": tl + nl,
         "composite": alpha * nl + (1 - alpha) * tl,
@@ -493,11 +600,52 @@ def _record(
             "total": total,
             "lambda": lam if mode == "budget" else None,
         },
-        "mean_std": float(all_std.mean()),
-        "equivalent": {"alpha": _json_float(float(eq_alpha)), "scale": float(eq_scale)},
-        "std": {name: s.tolist() for name, s in stds.items()},
-        "grad": _per_head_stats(noise, n, t, gg),
+        "mean_std": host["mean_std"],
+        "equivalent": {"alpha": _json_float(eq_a), "scale": eq_s},
+        "std": {name: host[f"std:{name}"] for name in stds},
+        "grad": {name: _head_stats_dict(host[f"grad:{name}"]) for name in heads},
     }
+
+
+def _to_host(parts: dict[str, Tensor]) -> dict[str, Any]:
+    """``tensor.tolist()`` of every part, with one copy per device (parts keep their shapes)."""
+    by_device: dict[torch.device, list[str]] = {}
+    for key, value in parts.items():
+        by_device.setdefault(value.device, []).append(key)
+    out: dict[str, Any] = {}
+    for keys in by_device.values():
+        flat = torch.cat([parts[k].reshape(-1).float() for k in keys]).cpu()
+        for key, piece in zip(keys, flat.split([parts[k].numel() for k in keys]), strict=True):
+            out[key] = piece.reshape(parts[key].shape).tolist()
+    return out
+
+
+def _unflat(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """Split a vector from :func:`_flat` back into tensors shaped like ``like``."""
+    if len(like) == 1:
+        return [flat.reshape(like[0].shape)]
+    pieces = flat.split([x.numel() for x in like])
+    return [piece.reshape(x.shape) for piece, x in zip(pieces, like, strict=True)]
+
+
+def _frozen_forward(model: Any, tokens: Tensor, frozen: list[Tensor]) -> Tensor:
+    """``model(tokens)`` with the weights in ``frozen`` not requiring grad during the call.
+
+    The graph then starts at the first noise layer and saves nothing for weight gradients
+    (less memory, no weight-gradient work in the backward); the flags are restored at once.
+    """
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        return model(tokens)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def _flat(tensors: list[Tensor]) -> Tensor:
+    """The concatenation of the flattened tensors (one vector over all noise parameters)."""
+    return torch.cat([x.reshape(-1) for x in tensors]) if len(tensors) > 1 else tensors[0]
 
 
 def _optimizer_meta(optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -1,0 +1,91 @@
+"""Worker for tests/test_faults.py: fit noise on a tiny native model with a run directory.
+
+    python kill_fit.py RUN_DIR STEPS [--resume] [--delay SECONDS] [--die-in-write TEXT [AFTER]]
+
+``--delay`` sleeps that long after every forward pass (a plain forward hook that changes no
+number), so that a test can kill the process between checkpoints. ``--die-in-write TEXT AFTER``
+kills the process with SIGKILL half-way through the write of the first file whose path contains
+``TEXT`` after ``AFTER`` such writes: a kill -9 in the middle of a write, at a known place.
+
+``run`` is also imported by the tests, to run the same fit in-process (resume, reference).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import torch
+
+import tl_noise as tn
+import tl_noise.io as tio
+from tl_noise.train import fit
+
+CONFIG = dict(
+    n_layers=2,
+    d_model=32,
+    n_heads=4,
+    d_head=8,
+    d_vocab=50,
+    n_ctx=24,
+    d_mlp=64,
+    act_fn="gelu",
+    seed=0,
+)
+HOOKS = "blocks.*.attn.hook_z"
+FIT = dict(batch_size=8, lr=0.05, seed=5, checkpoint_every=2, quiet=True)
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.randint(0, 50, (24, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[:, 4:] = True
+    return tokens, mask
+
+
+def make_model(delay: float = 0.0):
+    torch.set_num_threads(1)
+    model = tn.build_native_model(CONFIG)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if delay:
+        model.register_forward_hook(lambda module, args, output: time.sleep(delay))
+    return model
+
+
+def run(run_dir: str, steps: int, resume: bool = False, delay: float = 0.0, model=None):
+    model = make_model(delay) if model is None else model
+    tokens, mask = data()
+    with tn.attach_noise(model, HOOKS, calibration_tokens=tokens) as noise:
+        return fit(
+            model, noise, tokens, loss_mask=mask, steps=steps, run_dir=run_dir, resume=resume, **FIT
+        )
+
+
+def die_in_write(text: str, after: int) -> None:
+    real = tio._write_all
+    seen = [0]
+
+    def write(fd: int, data: bytes, path) -> None:
+        if text in str(path):
+            seen[0] += 1
+            if seen[0] > after:
+                os.write(fd, data[: len(data) // 2])
+                os.fsync(fd)
+                os.kill(os.getpid(), signal.SIGKILL)
+        real(fd, data, path)
+
+    tio._write_all = write
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    run_dir, steps = args[0], int(args[1])
+    delay = float(args[args.index("--delay") + 1]) if "--delay" in args else 0.0
+    if "--die-in-write" in args:
+        at = args.index("--die-in-write")
+        die_in_write(args[at + 1], int(args[at + 2]))
+    run(run_dir, steps, resume="--resume" in args, delay=delay)
