@@ -1,12 +1,12 @@
 # One entry point. `make demo` runs the main job on the embedded model; `make test` runs every
 # test (TransformerLens 4.x suite, then the 3.x pass). Both create the virtual environments they
 # need inside the repository on first use (scripts/bootstrap.sh) and reuse them afterwards.
-.PHONY: demo test lint venv venv-tl3 hooks bench clean
+.PHONY: demo test lint venv venv-tl3 browser hooks bench clean
 
 demo: venv
 	.venv/bin/tl-noise demo $(ARGS)
 
-test: venv venv-tl3
+test: venv venv-tl3 browser
 	bash scripts/test.sh
 
 lint: venv
@@ -17,6 +17,9 @@ venv:
 
 venv-tl3:
 	@bash scripts/bootstrap.sh .venv-tl3
+
+browser:
+	@bash scripts/install_browser.sh
 
 hooks:
 	git config core.hooksPath hooks

@@ -13,9 +13,10 @@ They are combined according to ``mode``:
 * ``"composite"``: ``g = alpha * n + (1 - alpha) * t``;
 * ``"alphaless"``: ``g = S + (L - proj_S(L))`` with S, L the smaller/larger of (n, t)
   (:func:`tl_noise.projection.alphaless_gradients`), no alpha to tune;
-* ``"budget"``: ``g = n + lambda * t``, with the Lagrange multiplier adapted by dual ascent
-  ``log lambda += budget_lr * (L_task / budget - 1)`` so that the task loss settles at the budget
-  the user accepts (e.g. KL <= 0.05).
+* ``"budget"``: ``g = n + w * t`` with ``w = max(0, lambda + (L_task / budget - 1))``: a
+  Lagrange multiplier adapted by dual ascent ``log lambda += budget_lr * (EMA(L_task) / budget -
+  1)`` plus a damping term (Platt & Barr, 1988) that pushes back as soon as the task loss
+  overshoots, so the task loss settles at the budget the user accepts (e.g. KL <= 0.05).
 
 The same per-step quantities feed the run directory (:mod:`tl_noise.runs`).
 """
@@ -54,6 +55,8 @@ from tl_noise.runs import RunWriter, latest_checkpoint, read_trainer_state
 from tl_noise.tasks.base import Task
 
 MODES = ("alphaless", "composite", "budget")
+LOG_LAMBDA_MAX = math.log(1e4)
+BUDGET_DAMPING = 1.0
 
 
 @dataclass
@@ -387,12 +390,14 @@ def fit(
         raise ValueError(f"batch_size={batch_size} must be >= the number of ranks ({ctx.world})")
     optimizer = torch.optim.Adam(noise.param_groups(lr))
     log_lambda = 0.0
+    task_ema: float | None = None
     start = 0
     if checkpoint is not None:
         start, state, opt_tensors, loaded = checkpoint
         noise.load_state_dict(loaded.state_dict())
         _load_optimizer(optimizer, state["optimizer"], opt_tensors)
         log_lambda = float(state.get("log_lambda", 0.0))
+        task_ema = state.get("task_ema")
         if writer:
             writer.truncate_history(start)
 
@@ -465,15 +470,19 @@ def fit(
         elif mode == "composite":
             g = [alpha * a + (1 - alpha) * b for a, b in zip(g_noise, g_task, strict=True)]
         else:
-            g = [a + lam * b for a, b in zip(g_noise, g_task, strict=True)]
+            # damped multiplier (Platt & Barr 1988): the constraint pushes back at once when the
+            # task loss overshoots, instead of waiting for lambda to grow
+            weight = max(0.0, lam + BUDGET_DAMPING * (task_value / budget - 1))
+            g = [a + weight * b for a, b in zip(g_noise, g_task, strict=True)]
         for p, grad in zip(params, g, strict=True):
             p.grad = grad
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if mode == "budget":
-            log_lambda = min(
-                20.0, max(-20.0, log_lambda + budget_lr * (task_loss.item() / budget - 1))
-            )
+            # dual ascent on log lambda, driven by a smoothed task loss
+            task_ema = task_value if task_ema is None else 0.9 * task_ema + 0.1 * task_value
+            error = task_ema / budget - 1
+            log_lambda = min(LOG_LAMBDA_MAX, max(-LOG_LAMBDA_MAX, log_lambda + budget_lr * error))
 
         record_due = (step % log_every == 0) or step == steps - 1
         if record_due:
@@ -494,7 +503,11 @@ def fit(
             writer.checkpoint(
                 done,
                 noise.save,
-                {"optimizer": _optimizer_meta(optimizer), "log_lambda": log_lambda},
+                {
+                    "optimizer": _optimizer_meta(optimizer),
+                    "log_lambda": log_lambda,
+                    "task_ema": task_ema,
+                },
                 _optimizer_tensors(optimizer),
             )
             writer.status("running" if done < steps else "completed", done)

@@ -1,0 +1,102 @@
+"""Launching the dashboard: ``tl-noise app RUN_DIR_OR_RUNS_ROOT [--port N]``.
+
+The page is :mod:`tl_noise.dashboard.app`; in a checkout ``apps/dashboard.py`` is its entry
+script, and an installed package runs the module's own file, so both work without the repository.
+The server is ``python -m streamlit run SCRIPT --server.port N --server.address HOST
+--server.headless true --browser.gatherUsageStats false -- ROOT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO_SCRIPT = Path(__file__).resolve().parent.parent / "apps" / "dashboard.py"
+PACKAGE_SCRIPT = Path(__file__).resolve().parent / "dashboard" / "app.py"
+
+
+def dashboard_script() -> Path:
+    """``apps/dashboard.py`` in a checkout, else the packaged page."""
+    return REPO_SCRIPT if REPO_SCRIPT.is_file() else PACKAGE_SCRIPT
+
+
+def dashboard_command(
+    run_dir_or_root: str | os.PathLike, port: int = 8501, host: str = "127.0.0.1", headless=True
+) -> list[str]:
+    """The ``streamlit run`` command line that serves the dashboard over ``run_dir_or_root``."""
+    root = Path(run_dir_or_root)
+    if not root.is_dir():
+        raise ValueError(f"runs root {str(root)!r} is not a directory")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"port={port!r}; expected an int in 1..65535")
+    return [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(dashboard_script()),
+        "--server.port",
+        str(port),
+        "--server.address",
+        host,
+        "--server.headless",
+        "true" if headless else "false",
+        "--browser.gatherUsageStats",
+        "false",
+        "--",
+        str(root.resolve()),
+    ]
+
+
+def launch(
+    run_dir_or_root: str | os.PathLike,
+    port: int = 8501,
+    host: str = "127.0.0.1",
+    headless: bool = True,
+    block: bool = True,
+) -> subprocess.Popen:
+    """Serve the dashboard over a run directory or a folder of runs at ``http://host:port``.
+
+    ``block=True`` waits until the server exits (Ctrl-C stops it); otherwise the running
+    process is returned and the caller stops it (``proc.terminate()``).
+    """
+    try:
+        import streamlit  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError(
+            "the dashboard needs the 'app' extra: pip install 'tl-noise[app]'"
+        ) from err
+    proc = subprocess.Popen(dashboard_command(run_dir_or_root, port, host, headless))
+    if block:
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait(timeout=10)
+    return proc
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    """``tl-noise app``: serve until stopped; Ctrl-C is a normal exit."""
+    proc = launch(args.root, port=args.port, host=args.host, block=True)
+    stopped = (None, 0, -signal.SIGINT, -signal.SIGTERM)
+    return 0 if proc.returncode in stopped else int(proc.returncode)
+
+
+def add_app_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``tl-noise app RUN_DIR_OR_RUNS_ROOT [--port N] [--host H]``."""
+    parser = subparsers.add_parser(
+        "app",
+        help="open the dashboard over a run directory or a folder of runs",
+        description="Serve the Streamlit dashboard of tl-noise runs (needs the 'app' extra).",
+    )
+    parser.add_argument("root", metavar="RUN_DIR_OR_RUNS_ROOT", help="a run or a folder of runs")
+    parser.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    parser.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+    parser.set_defaults(func=cmd_app)
+    return parser

@@ -1,0 +1,159 @@
+"""The page: choose a run under the runs root, then show it (live while it is running).
+
+The runs root is the first argument after ``--`` (``streamlit run apps/dashboard.py -- ROOT``)
+or the environment variable ``TL_NOISE_RUNS``. Only run directories found under the root by
+:func:`tl_noise.runs.list_runs` can be opened; the query parameter ``?run=NAME`` selects one of
+them by name. Run by Streamlit, this file renders the page itself.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import streamlit as st
+
+from tl_noise.dashboard import views
+from tl_noise.runs import CONFIG, Run, list_runs
+
+ENV_ROOT = "TL_NOISE_RUNS"
+USAGE = (
+    "No runs root given. Start the dashboard with `tl-noise app RUNS_ROOT`, "
+    "`streamlit run apps/dashboard.py -- RUNS_ROOT`, or set the environment variable "
+    f"`{ENV_ROOT}`."
+)
+
+
+def runs_root(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> str:
+    """The runs root from the script arguments, else ``$TL_NOISE_RUNS``, else ""."""
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    if args:
+        return args[0]
+    return (os.environ if environ is None else environ).get(ENV_ROOT, "")
+
+
+def run_label(root: Path, path: Path) -> str:
+    """A run's name in the picker: its path relative to the root (the root's own name when the
+    root is a run)."""
+    return path.relative_to(root).as_posix() if path != root else path.name
+
+
+def open_run(path: str) -> Run:
+    """The run at ``path``, kept for this browser session while its config.json is unchanged,
+    so its history is re-read only when the file changes. (Per session, not shared between
+    sessions: a session's reruns never overlap, so the run's caches need no lock.)"""
+    try:
+        info = (Path(path) / CONFIG).stat()
+        key = (path, info.st_size, info.st_mtime_ns)
+    except OSError:
+        key = (path, 0, 0)
+    runs = st.session_state.setdefault("_open_runs", {})
+    if key not in runs:
+        for stale in [k for k in runs if k[0] == path]:
+            del runs[stale]
+        runs[key] = Run(path)
+    return runs[key]
+
+
+def pick_run(labels: list[str]) -> str:
+    """Sidebar picker; the first choice comes from ``?run=`` when it names a listed run."""
+    if "run" not in st.session_state:
+        wanted = st.query_params.get("run")
+        if wanted in labels:
+            st.session_state["run"] = wanted
+        elif wanted:
+            st.sidebar.warning(f"Run {wanted!r} from the URL is not under the runs root.")
+    if st.session_state.get("run") not in labels:
+        st.session_state["run"] = labels[0]
+    label = st.sidebar.selectbox("Run", labels, key="run")
+    st.query_params["run"] = label
+    return label
+
+
+def step_slider(steps: list[int]) -> int:
+    """The training step to show; it follows the newest step while it was on the newest one."""
+    last = steps[-1]
+    chosen, newest_seen = st.session_state.get("step"), st.session_state.get("_newest_step")
+    if chosen not in steps or (chosen == newest_seen and newest_seen != last):
+        st.session_state["step"] = last
+    st.session_state["_newest_step"] = last
+    if len(steps) == 1:
+        st.caption(f"Training step {last} (the only record so far)")
+        return last
+    return st.select_slider("Training step", options=steps, key="step")
+
+
+def body(run: Run, label: str, others: dict[str, Path], truth: dict | None, state: str) -> None:
+    status = views.status_banner(run)
+    if state == "running" and status["state"] != "running":
+        st.rerun()  # the run finished: redraw the page without live refresh
+    steps = run.steps()
+    if not steps:
+        st.info(
+            "No history record yet: the run has not logged a step. This page refreshes "
+            "while the run is running."
+        )
+        return
+    step = step_slider(steps)
+    tabs = st.tabs(["Stds per head", "Other hooks", "Gradients", "Losses", "Ranking", "Compare"])
+    with tabs[0]:
+        views.head_stds(run, step, truth)
+    with tabs[1]:
+        views.feature_stds(run, step)
+    with tabs[2]:
+        views.gradients(run, step, key_prefix=label)
+    with tabs[3]:
+        views.losses(run)
+    with tabs[4]:
+        views.ranking(run, truth)
+    with tabs[5]:
+        views.compare(run, others, open_run, key_prefix=label)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    st.set_page_config(page_title="tl-noise dashboard", layout="wide")
+    st.title("tl-noise dashboard")
+    root = runs_root(argv)
+    if not root:
+        st.error(USAGE)
+        return
+    try:
+        paths = list_runs(root)
+    except ValueError as err:
+        st.error(f"Cannot list runs: {err}")
+        return
+    if not paths:
+        st.warning(
+            f"No run directories under {root!r} yet. Write one with "
+            "`tl_noise.train.fit(..., run_dir=...)`."
+        )
+        return
+    base = Path(root).resolve()
+    by_label = {run_label(base, p): p for p in paths}
+    st.sidebar.caption(f"Runs root: `{base}` ({len(paths)} runs)")
+    label = pick_run(list(by_label))
+    try:
+        run = open_run(str(by_label[label]))
+    except ValueError as err:
+        st.error(f"Run {label!r} cannot be shown: {err}")
+        st.caption("A run directory needs a valid config.json; it is written when a fit starts.")
+        return
+    st.caption(f"`{run.path}`")
+    with st.sidebar:
+        views.config_panel(run)
+        truth = run.ground_truth()
+        if truth and not st.toggle("Overlay ground truth", value=True, key="truth"):
+            truth = None
+    state = run.status()["state"]
+    others = {k: v for k, v in by_label.items() if k != label}
+    if state == "running" and st.sidebar.toggle("Live refresh", value=True, key="live"):
+        every = st.sidebar.slider("Refresh every (s)", 1, 30, 2, key="every")
+        st.fragment(body, run_every=every)(run, label, others, truth, state)
+    else:
+        body(run, label, others, truth, state)
+
+
+if __name__ == "__main__":
+    main()
