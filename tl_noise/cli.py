@@ -120,7 +120,25 @@ def _fit_from_args(model: Any, task: Any, args: argparse.Namespace, prefix: str)
             resume=args.resume,
             quiet=args.quiet,
         )
+    if result.importance is not None and result.run_dir is not None:
+        add_faithfulness(model, task, result)
     return result
+
+
+def add_faithfulness(model: Any, task: Any, result: Any) -> None:
+    """Record the faithfulness curve of the learned ranking in the run's summary.json."""
+    from tl_noise.analysis import faithfulness_curve
+    from tl_noise.io import read_json, write_json
+
+    try:
+        curve = faithfulness_curve(model, task, result.importance)
+    except ValueError as err:  # e.g. ablating every head changes nothing
+        print(f"faithfulness curve skipped: {err}")
+        return
+    path = Path(result.run_dir) / "summary.json"
+    summary = read_json(path, "run summary")
+    summary["faithfulness"] = {"k": curve["ks"], **curve}
+    write_json(path, summary)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
