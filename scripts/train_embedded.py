@@ -21,9 +21,9 @@ stay near uniform when nothing repeats, so it is a sensible language model, not 
 AdamW, CPU, through the TransformerLens 4.x ``TransformerBridge`` when it is installed (3.x trains
 a ``HookedTransformer``; same script). Left alone, training spreads induction over all four layer-1
 heads; a group-lasso penalty on the heads' OV circuits with unequal per-head prices (see
-:func:`train`) makes the circuit crisp: one previous-token head, one induction head, and the other
-six heads switched off (OV norm ~0). About 2-4 minutes on 2 CPU cores; the result is deterministic
-for a given seed, torch version and thread count.
+:func:`train`) makes the circuit crisp: one previous-token head, one induction head, and the
+other six heads switched off (OV norm ~0). About 2-3 minutes on one CPU thread; the result is
+deterministic for a given seed and torch version.
 
 Ground truth. After training, per head: the previous-token score (mean attention from ``t`` to
 ``t - 1`` on uniformly random tokens), the induction score (mean attention from a repeat
@@ -253,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--head-l1", type=float, default=3e-2)
     args = parser.parse_args(argv)
+    # The model is tiny: extra threads only add synchronisation (10x slower on a busy 2-core box).
+    torch.set_num_threads(1)
 
     start = time.perf_counter()
     model, log = train(args.steps, args.seed, args.batch, args.lr, args.weight_decay, args.head_l1)
