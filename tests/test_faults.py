@@ -209,7 +209,8 @@ def test_interrupted_fit_leaves_the_model_exact_and_resumes(tmp_path, reference)
     assert count_hooks(model) == 0
     assert torch.equal(bits(logits_of(model, tokens)), bits(clean))
     assert 2 <= latest_checkpoint(tmp_path / "run")[0] < STEPS
-    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "running"
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "interrupted" and "KeyboardInterrupt" in status["message"]
     kill_fit.run(str(tmp_path / "run"), STEPS, resume=True, model=model)
     assert_equals_reference(tmp_path / "run", reference)
 

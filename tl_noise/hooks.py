@@ -281,9 +281,13 @@ class NoiseHooks(nn.Module):
     def attach(self) -> NoiseHooks:
         if self.attached:
             return self
-        for name, layer in self.items():
-            point = self._model.hook_dict[name]
-            self._handles.append((point, _add_permanent_hook(point, self._hook_fn(layer))))
+        try:
+            for name, layer in self.items():
+                point = self._model.hook_dict[name]
+                self._handles.append((point, _add_permanent_hook(point, self._hook_fn(layer))))
+        except BaseException:
+            self.remove()  # all or nothing: never leave some hooks behind
+            raise
         return self
 
     def remove(self) -> None:

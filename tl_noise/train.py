@@ -423,94 +423,114 @@ def fit(
         total=steps,
     )
     noise.train()
-    for step in bar:
-        idx, offset = distributed.shard(batch_indices(tokens.shape[0], batch_size, seed, step), ctx)
-        if ctx.active:
-            noise.set_batch_shard(offset, min(batch_size, tokens.shape[0]))
-        batch = {"tokens": tokens[idx].to(device), "loss_mask": mask[idx].to(device), "index": idx}
-        batch.update({k: v[idx].to(device) for k, v in extras.items()})
-        noise.manual_seed(int(_step_generator(seed, step).initial_seed() % (2**31)))
-        # clean targets first: uncached, their transient memory is gone before the noised pass
-        clean = targets(idx) if targets is not None else None
-        logits = _frozen_forward(model, batch["tokens"], frozen)
-        if clean is not None:
-            probs, neg_entropy = clean
-            rows = _masked_rows(logits, batch["loss_mask"])
-            task_loss = kl_divergence_from_probs(probs, neg_entropy, rows)
-            terms = float(batch["loss_mask"].sum())
-            del clean, probs, neg_entropy, rows
-        elif kind == "ce":
-            task_loss = cross_entropy(logits, batch["tokens"], batch["loss_mask"])
-            terms = float(next_token_mask(batch["loss_mask"])[:, :-1].sum())
-        else:
-            task_loss = metric_fn(logits, batch)
-            terms = float(len(idx))
-        del logits  # the loss graph keeps what its backward needs; the logits can go now
-        n_loss = noise_loss([layer.std_for_loss() for layer in layers], noise_loss_kind)
-        lam = math.exp(log_lambda)
-        g_noise = _grads(n_loss, params, retain=has_estimator)
-        g_task = _grads(task_loss, params, retain=False) if torch.isfinite(task_loss) else None
-        # a rank's shard counts in proportion to its loss terms (masked rows or examples)
-        weight = terms / distributed.all_sum(terms, ctx, device) if ctx.active else 1.0
-        task_value = distributed.all_sum(task_loss.item() * weight, ctx, device)
-        if not (math.isfinite(task_value) and torch.isfinite(n_loss) and g_task is not None):
-            msg = (
-                f"non-finite loss at step {step} (task {task_value}, noise {n_loss.item()}); "
-                "the noise parameters were left at the last finite step"
+    try:
+        for step in bar:
+            idx, offset = distributed.shard(
+                batch_indices(tokens.shape[0], batch_size, seed, step), ctx
             )
-            if writer:
-                writer.status("failed", step, msg + "; the last good checkpoint is kept")
-            raise FloatingPointError(msg)
-        g_task = distributed.weighted_sum(g_task, weight, ctx)
-        if has_estimator:
-            g_noise = distributed.weighted_sum(g_noise, len(idx) / batch_size, ctx)
-        task_loss = torch.tensor(task_value)
-        if mode == "alphaless":  # on the concatenated vector: a few ops, however many hooks
-            g = _unflat(alphaless_gradients([_flat(g_noise)], [_flat(g_task)])[0], g_noise)
-        elif mode == "composite":
-            g = [alpha * a + (1 - alpha) * b for a, b in zip(g_noise, g_task, strict=True)]
-        else:
-            # damped multiplier (Platt & Barr 1988): the constraint pushes back at once when the
-            # task loss overshoots, instead of waiting for lambda to grow
-            weight = max(0.0, lam + BUDGET_DAMPING * (task_value / budget - 1))
-            g = [a + weight * b for a, b in zip(g_noise, g_task, strict=True)]
-        for p, grad in zip(params, g, strict=True):
-            p.grad = grad
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if mode == "budget":
-            # dual ascent on log lambda, driven by a smoothed task loss
-            task_ema = task_value if task_ema is None else 0.9 * task_ema + 0.1 * task_value
-            error = task_ema / budget - 1
-            log_lambda = min(LOG_LAMBDA_MAX, max(-LOG_LAMBDA_MAX, log_lambda + budget_lr * error))
+            if ctx.active:
+                noise.set_batch_shard(offset, min(batch_size, tokens.shape[0]))
+            batch = {
+                "tokens": tokens[idx].to(device),
+                "loss_mask": mask[idx].to(device),
+                "index": idx,
+            }
+            batch.update({k: v[idx].to(device) for k, v in extras.items()})
+            noise.manual_seed(int(_step_generator(seed, step).initial_seed() % (2**31)))
+            # clean targets first: uncached, their transient memory is gone before the noised pass
+            clean = targets(idx) if targets is not None else None
+            logits = _frozen_forward(model, batch["tokens"], frozen)
+            if clean is not None:
+                probs, neg_entropy = clean
+                rows = _masked_rows(logits, batch["loss_mask"])
+                task_loss = kl_divergence_from_probs(probs, neg_entropy, rows)
+                terms = float(batch["loss_mask"].sum())
+                del clean, probs, neg_entropy, rows
+            elif kind == "ce":
+                task_loss = cross_entropy(logits, batch["tokens"], batch["loss_mask"])
+                terms = float(next_token_mask(batch["loss_mask"])[:, :-1].sum())
+            else:
+                task_loss = metric_fn(logits, batch)
+                terms = float(len(idx))
+            del logits  # the loss graph keeps what its backward needs; the logits can go now
+            n_loss = noise_loss([layer.std_for_loss() for layer in layers], noise_loss_kind)
+            lam = math.exp(log_lambda)
+            g_noise = _grads(n_loss, params, retain=has_estimator)
+            g_task = _grads(task_loss, params, retain=False) if torch.isfinite(task_loss) else None
+            # a rank's shard counts in proportion to its loss terms (masked rows or examples)
+            weight = terms / distributed.all_sum(terms, ctx, device) if ctx.active else 1.0
+            task_value = distributed.all_sum(task_loss.item() * weight, ctx, device)
+            if not (math.isfinite(task_value) and torch.isfinite(n_loss) and g_task is not None):
+                msg = (
+                    f"non-finite loss at step {step} (task {task_value}, noise {n_loss.item()}); "
+                    "the noise parameters were left at the last finite step"
+                )
+                if writer:
+                    writer.status("failed", step, msg + "; the last good checkpoint is kept")
+                raise FloatingPointError(msg)
+            g_task = distributed.weighted_sum(g_task, weight, ctx)
+            if has_estimator:
+                g_noise = distributed.weighted_sum(g_noise, len(idx) / batch_size, ctx)
+            task_loss = torch.tensor(task_value)
+            if mode == "alphaless":  # on the concatenated vector: a few ops, however many hooks
+                g = _unflat(alphaless_gradients([_flat(g_noise)], [_flat(g_task)])[0], g_noise)
+            elif mode == "composite":
+                g = [alpha * a + (1 - alpha) * b for a, b in zip(g_noise, g_task, strict=True)]
+            else:
+                # damped multiplier (Platt & Barr 1988): the constraint pushes back at once when the
+                # task loss overshoots, instead of waiting for lambda to grow
+                weight = max(0.0, lam + BUDGET_DAMPING * (task_value / budget - 1))
+                g = [a + weight * b for a, b in zip(g_noise, g_task, strict=True)]
+            for p, grad in zip(params, g, strict=True):
+                p.grad = grad
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if mode == "budget":
+                # dual ascent on log lambda, driven by a smoothed task loss
+                task_ema = task_value if task_ema is None else 0.9 * task_ema + 0.1 * task_value
+                error = task_ema / budget - 1
+                log_lambda = min(
+                    LOG_LAMBDA_MAX, max(-LOG_LAMBDA_MAX, log_lambda + budget_lr * error)
+                )
 
-        record_due = (step % log_every == 0) or step == steps - 1
-        if record_due:
-            record = _record(
-                step, noise, params, g_noise, g_task, g, task_loss, n_loss, mode, alpha, lam
-            )
-            history.append(record)
-            pending.append(record)
-            bar.set_postfix(
-                task=f"{record['loss']['task']:.4g}",
-                noise=f"{record['loss']['noise']:.3g}",
-                std=f"{record['mean_std']:.3g}",
-            )
-        done = step + 1
-        if writer and (done % checkpoint_every == 0 or done == steps):
-            writer.append_history(pending)
-            pending = []
-            writer.checkpoint(
-                done,
-                noise.save,
-                {
-                    "optimizer": _optimizer_meta(optimizer),
-                    "log_lambda": log_lambda,
-                    "task_ema": task_ema,
-                },
-                _optimizer_tensors(optimizer),
-            )
-            writer.status("running" if done < steps else "completed", done)
+            record_due = (step % log_every == 0) or step == steps - 1
+            if record_due:
+                record = _record(
+                    step, noise, params, g_noise, g_task, g, task_loss, n_loss, mode, alpha, lam
+                )
+                history.append(record)
+                pending.append(record)
+                bar.set_postfix(
+                    task=f"{record['loss']['task']:.4g}",
+                    noise=f"{record['loss']['noise']:.3g}",
+                    std=f"{record['mean_std']:.3g}",
+                )
+            done = step + 1
+            if writer and (done % checkpoint_every == 0 or done == steps):
+                writer.append_history(pending)
+                pending = []
+                writer.checkpoint(
+                    done,
+                    noise.save,
+                    {
+                        "optimizer": _optimizer_meta(optimizer),
+                        "log_lambda": log_lambda,
+                        "task_ema": task_ema,
+                    },
+                    _optimizer_tensors(optimizer),
+                )
+                writer.status("running" if done < steps else "completed", done)
+    except BaseException as err:
+        # Ctrl-C, a full disk, ...: say so in status.json; the last checkpoint stays intact
+        if writer and not isinstance(err, FloatingPointError):
+            state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            try:
+                writer.status(
+                    state, int(locals().get("step", start)), f"{type(err).__name__}: {err}"
+                )
+            except OSError:
+                pass
+        raise
     bar.close()
     noise.clear_batch_shard()
     noise.train()
