@@ -22,10 +22,19 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python"
 fi
 echo "[bootstrap] installing $venv (first run: a few minutes, about 1.7 GB)" >&2
 python3 -m venv "$venv"
+log="$venv/bootstrap.log"
 pip="$venv/bin/python -m pip --disable-pip-version-check -q"
-$pip install --upgrade pip
-$pip install -c constraints.txt torch==2.13.0
-$pip install -c constraints.txt "$tl_spec"
-$pip install -c constraints.txt -e ".$extras"
+step() {  # run one install step, keeping pip's chatter in the log unless it fails
+  echo "[bootstrap] pip install $*" >&2
+  if ! $pip install "$@" >>"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    echo "[bootstrap] failed; full log: $log" >&2
+    exit 1
+  fi
+}
+step --upgrade pip
+step -c constraints.txt torch==2.13.0
+step -c constraints.txt "$tl_spec"
+step -c constraints.txt -e ".$extras"
 echo "$want" > "$stamp"
 echo "[bootstrap] $venv ready" >&2
