@@ -51,7 +51,7 @@ from tl_noise.objectives import (
     resolve_objective,
 )
 from tl_noise.projection import alphaless_gradients, equivalent_alpha_and_scaling_factor_of
-from tl_noise.runs import RunWriter, latest_checkpoint, read_trainer_state
+from tl_noise.runs import GRAD_KEYS, RunWriter, latest_checkpoint, read_trainer_state
 from tl_noise.tasks.base import Task
 
 MODES = ("alphaless", "composite", "budget")
@@ -196,17 +196,7 @@ def _per_head_stats(
     return {name: _head_stats_dict(rows) for name, rows in host.items()}
 
 
-_HEAD_STATS = (
-    "noise_norm",
-    "task_norm",
-    "cosine",
-    "noise",
-    "task",
-    "projected",
-    "projected_norm",
-    "alpha",
-    "scale",
-)
+_HEAD_STATS = GRAD_KEYS  # the per-head gradient fields of a history record
 
 
 def _head_stats_dict(rows: list[list[float]]) -> dict[str, Any]:

@@ -5,24 +5,19 @@ OUT/rank{r}.safetensors. The run directory (if given) is written by rank 0 alone
 """
 
 import sys
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 import tl_noise as tn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import TINY  # noqa: E402
+
 from tl_noise.train import fit
 
-CONFIG = dict(
-    n_layers=2,
-    d_model=32,
-    n_heads=4,
-    d_head=8,
-    d_vocab=50,
-    n_ctx=24,
-    d_mlp=64,
-    act_fn="gelu",
-    seed=0,
-)
+CONFIG = TINY  # the test suite's tiny native model (tests/conftest.py)
 
 
 def data():

@@ -16,24 +16,19 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 import tl_noise as tn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import TINY  # noqa: E402
+
 import tl_noise.io as tio
 from tl_noise.train import fit
 
-CONFIG = dict(
-    n_layers=2,
-    d_model=32,
-    n_heads=4,
-    d_head=8,
-    d_vocab=50,
-    n_ctx=24,
-    d_mlp=64,
-    act_fn="gelu",
-    seed=0,
-)
+CONFIG = TINY  # the test suite's tiny native model (tests/conftest.py)
 HOOKS = "blocks.*.attn.hook_z"
 FIT = dict(batch_size=8, lr=0.05, seed=5, checkpoint_every=2, quiet=True)
 
