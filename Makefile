@@ -21,6 +21,10 @@ venv-tl3:
 browser:
 	@bash scripts/install_browser.sh
 
+bench: venv venv-tl3
+	.venv/bin/python benchmarks/perf.py $(ARGS)
+	.venv/bin/python benchmarks/attribution_quality.py
+
 hooks:
 	git config core.hooksPath hooks
 
