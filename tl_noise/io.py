@@ -135,11 +135,27 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, json_bytes(obj))
 
 
+MAX_JSON_BYTES = 64 * 2**20
+MAX_HISTORY_BYTES = 2 * 2**30
+
+
+def check_size(path: Path, limit: int, what: str) -> None:
+    """ValueError naming the file when it is larger than ``limit`` bytes (never read it whole)."""
+    size = path.stat().st_size
+    if size > limit:
+        raise ValueError(
+            f"{what} {str(path)!r} is {size / 2**20:.0f} MiB, more than the {limit / 2**20:.0f} "
+            "MiB tl-noise reads; it is not a file tl-noise wrote, or it is damaged"
+        )
+
+
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
-    """Read a JSON file, raising ValueError naming the file when it is missing or malformed."""
+    """Read a JSON file, raising ValueError naming the file when it is missing, oversized or
+    malformed."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{what} {str(path)!r} does not exist")
+    check_size(path, MAX_JSON_BYTES, what)
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

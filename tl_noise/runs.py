@@ -34,7 +34,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tl_noise.io import append_bytes, atomic_write_bytes, read_json, read_tensors, write_json
+from tl_noise.io import (
+    MAX_HISTORY_BYTES,
+    append_bytes,
+    atomic_write_bytes,
+    check_size,
+    read_json,
+    read_tensors,
+    write_json,
+)
 
 RUN_FORMAT = "tl-noise/run"
 CONFIG = "config.json"
@@ -143,6 +151,7 @@ def read_history(path: str | os.PathLike) -> list[dict[str, Any]]:
     file = Path(path) / HISTORY
     if not file.exists():
         return []
+    check_size(file, MAX_HISTORY_BYTES, "run history")
     records = []
     for line in file.read_bytes().split(b"\n"):
         if not line.strip():
