@@ -894,7 +894,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["ratio_of_medians"] = shared["ratio_of_medians"]
         if "compare_ref" in shared:
             report["compare_ref"] = shared["compare_ref"]
+        tokens = args.batch * args.pos
+        report["tokens_per_second"] = {
+            key: tokens / shared["seconds"][key]
+            for key in ("plain_forward", "noised_forward", "fit_step")
+            if shared["seconds"].get(key)
+        }
         print(seconds_table(shared["seconds"]), flush=True)
+        rates = ", ".join(f"{k} {v:.0f}" for k, v in report["tokens_per_second"].items())
+        print(f"tokens per second: {rates}", flush=True)
     else:
         report["notes"]["ratios"] = "section not run"
     model = shared.get("model")
