@@ -7,7 +7,8 @@ Usage::
 
 On an induction task (periodic random tokens, :func:`tl_noise.tasks.induction.induction_task`)
 it fits per-head noise on ``blocks.*.attn.hook_z`` (objective ``kl``, mode ``alphaless``, loss
-mask from the task), computes the three baselines of :mod:`tl_noise.baselines`, and prints per
+mask from the task), computes the three baselines of
+:mod:`tl_noise.evaluation.baselines`, and prints per
 method: ROC AUC of the head scores against the labelled heads, faithfulness of the top-k circuit
 (k = number of labelled heads; all other heads mean-ablated) and wall time. The JSON goes to
 ``benchmarks/results/attribution_quality-<model>.json`` unless ``--json`` says otherwise.
@@ -30,11 +31,11 @@ from typing import Any
 import torch
 
 import tl_noise as tn
-from tl_noise.analysis import HeadScores, compare_methods, ground_truth_mask, head_importance
+from tl_noise.evaluation import HeadScores, compare_methods, ground_truth_mask, head_importance
+from tl_noise.fitting import fit
 from tl_noise.io import read_json, write_json
 from tl_noise.tasks.base import Task
 from tl_noise.tasks.induction import induction_task
-from tl_noise.train import fit
 
 RESULTS = Path(__file__).parent / "results"
 

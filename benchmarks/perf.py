@@ -31,7 +31,7 @@ weights, built offline; batch 4 x 128; per-head noise on every ``hook_z``):
 7. time to answer on the embedded induction model: wall time from ``attach_noise`` until the
    top-k set of heads (k = the labelled heads; a set with a tie at the k-th place does not count)
    has not changed for 20 steps, vs activation patching and attribution patching
-   (:mod:`tl_noise.baselines`) on the same task and machine.
+   (:mod:`tl_noise.evaluation.baselines`) on the same task and machine.
 
 Method: one process; the variants of a measurement run in interleaved rounds after warm-up (the
 machine may be shared). A ratio is the median over rounds of the ratio of the two medians within
@@ -69,10 +69,10 @@ import torch
 import torch.nn.functional as F
 
 import tl_noise as tn
-import tl_noise.train as train_module
-from tl_noise.layers import NoiseLayer
-from tl_noise.objectives import kl_divergence, noise_loss
-from tl_noise.projection import alphaless_gradients
+import tl_noise.fitting.trainer as train_module
+from tl_noise.fitting.objectives import kl_divergence, noise_loss
+from tl_noise.fitting.projection import alphaless_gradients
+from tl_noise.noise.layer import NoiseLayer
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -186,7 +186,7 @@ def median(xs: list[float]) -> float:
 
 
 class StepClock:
-    """Stands in for ``tqdm`` in :mod:`tl_noise.train`: stamps each iteration of the fit loop.
+    """Stands in for ``tqdm`` in the trainer: stamps each iteration of the fit loop.
 
     ``on_iter(i)`` (optional) runs at the start of iteration ``i``, before its stamp.
     """
@@ -711,8 +711,11 @@ def section_tl3(args: argparse.Namespace, tl4: dict[str, float]) -> dict[str, An
 
 # ------------------------------------------------------------------------ time to answer
 def section_answer(args: argparse.Namespace) -> dict[str, Any]:
-    from tl_noise.analysis import ground_truth_mask, roc_auc
-    from tl_noise.baselines import activation_patching_scores, attribution_patching_scores
+    from tl_noise.evaluation import ground_truth_mask, roc_auc
+    from tl_noise.evaluation.baselines import (
+        activation_patching_scores,
+        attribution_patching_scores,
+    )
     from tl_noise.tasks.induction import induction_task
 
     try:

@@ -22,9 +22,10 @@ import torch
 
 import tl_noise as tn
 import tl_noise.io as tio
+from tl_noise.fitting import fit
+from tl_noise.fitting.trainer import batch_indices
 from tl_noise.hooks import NoiseHooks
 from tl_noise.runs import latest_checkpoint, read_history
-from tl_noise.train import batch_indices, fit
 
 pytestmark = pytest.mark.tl3
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import tl_noise as tn
-from tl_noise.app import launch
+from tl_noise.cli.app import launch
+from tl_noise.fitting import fit
 from tl_noise.tasks import induction_task
-from tl_noise.train import fit
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

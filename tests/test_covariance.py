@@ -1,4 +1,4 @@
-"""Tests for tl_noise.covariance: sampling matches Sigma, Kronecker axes, init scale, configs."""
+"""tl_noise.noise.covariance: sampling matches Sigma, Kronecker axes, init scale, configs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tl_noise.covariance import (
+from tl_noise.noise.covariance import (
     DiagonalCovariance,
     FactorizedCovariance,
     GaussianNoise,

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 import tl_noise as tn
-from tl_noise.analysis import faithfulness_curve
+from tl_noise.evaluation import faithfulness_curve
+from tl_noise.fitting import fit
 from tl_noise.io import write_json
 from tl_noise.runs import GRAD_KEYS, Run, list_runs, load_run, read_history
 from tl_noise.tasks import induction_task
-from tl_noise.train import fit
 
 streamlit_testing = pytest.importorskip("streamlit.testing.v1")
 AppTest = streamlit_testing.AppTest
@@ -62,7 +62,7 @@ def runs_root(tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("runs")
     path, model, task = _fit_induction(root, "induction", "alphaless", seed=0)
-    # a faithfulness curve in the summary, as computed by tl_noise.analysis
+    # a faithfulness curve in the summary, as computed by tl_noise.evaluation
     run = load_run(path)
     importance = -run.head_std_matrix().log()
     curve = faithfulness_curve(model, task, importance, ks=[0, 2, 4, importance.numel()])
@@ -450,7 +450,7 @@ def test_missing_or_empty_root_is_explained(monkeypatch, tmp_path):
 def test_launch_command_and_cli_parser(runs_root):
     import argparse
 
-    from tl_noise.app import add_app_parser, dashboard_command
+    from tl_noise.cli.app import add_app_parser, dashboard_command
 
     cmd = dashboard_command(runs_root, port=8765)
     assert cmd[1:4] == ["-m", "streamlit", "run"] and Path(cmd[4]).is_file()

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import tl_noise as tn
-from tl_noise.analysis import ground_truth_mask, roc_auc
-from tl_noise.objectives import kl_divergence
+from tl_noise.evaluation import ground_truth_mask, roc_auc
+from tl_noise.fitting.objectives import kl_divergence
 from tl_noise.tasks import induction_task
 
 pytestmark = [pytest.mark.tl3, pytest.mark.slow]

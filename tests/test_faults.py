@@ -22,10 +22,10 @@ import pytest
 import torch
 
 import tl_noise as tn
+from tl_noise.fitting import fit
 from tl_noise.hooks import collect_activation_stats, resolve_hook_names
 from tl_noise.io import read_tensors
 from tl_noise.runs import latest_checkpoint, read_history
-from tl_noise.train import fit
 
 pytestmark = pytest.mark.tl3
 

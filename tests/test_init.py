@@ -1,4 +1,4 @@
-"""Tests for tl_noise.init: agreement with TransformerLens, the W_O fix, and layout parsing."""
+"""tl_noise.scaling.init: agreement with TransformerLens, the W_O fix, and layout parsing."""
 
 import math
 
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformer_lens.utilities import initialization_utils as tl_init
 
-from tl_noise.init import (
+from tl_noise.scaling.init import (
     HEAD_AXES,
     calc_fan_in_and_fan_out,
     init_kaiming_normal_,

@@ -1,4 +1,4 @@
-"""Tests for tl_noise.parameterizations: reference numbers, properties, validation, configs."""
+"""tl_noise.noise.parameterizations: reference numbers, properties, validation, configs."""
 
 import json
 import math
@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tl_noise import parameterizations as params_module
-from tl_noise.parameterizations import (
+from tl_noise.noise import parameterizations as params_module
+from tl_noise.noise.parameterizations import (
     CloakStandardDeviationParameterization,
     DirectStandardDeviationParameterization,
     ScaledStandardDeviationParameterization,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tl_noise.parametrizations import (
+from tl_noise.scaling.parametrizations import (
     LAYER_TYPES,
     MaximalUpdate,
     NeuralTangent,

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import tl_noise as tn
-from tl_noise.objectives import clean_distribution, kl_divergence, kl_divergence_from_probs
-from tl_noise.train import fit
+from tl_noise.fitting import fit
+from tl_noise.fitting.objectives import clean_distribution, kl_divergence, kl_divergence_from_probs
 
 ROOT = Path(__file__).resolve().parent.parent
 PERF = ROOT / "benchmarks" / "perf.py"

@@ -10,7 +10,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from tl_noise.projection import (
+from tl_noise.fitting.projection import (
     alphaless_gradient,
     alphaless_gradients,
     calculate_equivalent_alpha_and_scaling_factor,

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import tl_noise as tn
+from tl_noise.fitting import fit
 from tl_noise.runs import latest_checkpoint, read_history
-from tl_noise.train import fit
 
 pytestmark = pytest.mark.tl3
 

@@ -11,34 +11,39 @@ Data flows one way: model -> hooks -> noise layers -> objective -> trainer -> ru
 dashboard / notebooks.
 """
 
-from tl_noise.analysis import head_importance
-from tl_noise.covariance import (
-    DiagonalCovariance,
-    FactorizedCovariance,
-    GaussianNoise,
-    KroneckerCovariance,
-    LowRankCovariance,
-)
-from tl_noise.hooks import NoiseHooks, attach_noise, resolve_hook_names
-from tl_noise.layers import NoiseLayer, RhoEstimator
-from tl_noise.models import build_native_model, load_embedded_model, load_model
-from tl_noise.parameterizations import (
-    CloakStandardDeviationParameterization,
-    DirectStandardDeviationParameterization,
-    ScaledStandardDeviationParameterization,
-    SoftplusStandardDeviationParameterization,
-    StandardDeviationParameterization,
-)
-from tl_noise.parametrizations import MaximalUpdate, NeuralTangent, Parametrization, Standard
-from tl_noise.projection import (
+from tl_noise.errors import TLNoiseError
+from tl_noise.fitting import FitResult, fit
+from tl_noise.fitting.projection import (
     alphaless_gradient,
     calculate_equivalent_alpha_and_scaling_factor,
     order_tensors_by_norm,
     project_out_smaller_tensor,
     vector_projection,
 )
+from tl_noise.hooks import NoiseHooks, attach_noise, head_importance, resolve_hook_names
+from tl_noise.models import build_native_model, load_embedded_model, load_model
+from tl_noise.noise import NoiseLayer, RhoEstimator
+from tl_noise.noise.covariance import (
+    DiagonalCovariance,
+    FactorizedCovariance,
+    GaussianNoise,
+    KroneckerCovariance,
+    LowRankCovariance,
+)
+from tl_noise.noise.parameterizations import (
+    CloakStandardDeviationParameterization,
+    DirectStandardDeviationParameterization,
+    ScaledStandardDeviationParameterization,
+    SoftplusStandardDeviationParameterization,
+    StandardDeviationParameterization,
+)
+from tl_noise.scaling.parametrizations import (
+    MaximalUpdate,
+    NeuralTangent,
+    Parametrization,
+    Standard,
+)
 from tl_noise.tasks import Task
-from tl_noise.train import FitResult, fit
 
 __version__ = "0.1.0"
 
@@ -60,6 +65,7 @@ __all__ = [
     "ScaledStandardDeviationParameterization",
     "SoftplusStandardDeviationParameterization",
     "Standard",
+    "TLNoiseError",
     "Task",
     "StandardDeviationParameterization",
     "alphaless_gradient",

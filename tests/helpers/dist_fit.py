@@ -15,7 +15,7 @@ import tl_noise as tn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import TINY  # noqa: E402
 
-from tl_noise.train import fit
+from tl_noise.fitting import fit
 
 CONFIG = TINY  # the test suite's tiny native model (tests/conftest.py)
 

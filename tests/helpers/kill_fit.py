@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import TINY  # noqa: E402
 
 import tl_noise.io as tio
-from tl_noise.train import fit
+from tl_noise.fitting import fit
 
 CONFIG = TINY  # the test suite's tiny native model (tests/conftest.py)
 HOOKS = "blocks.*.attn.hook_z"

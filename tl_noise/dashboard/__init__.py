@@ -2,6 +2,6 @@
 
 It reads runs only through :mod:`tl_noise.runs`. ``charts`` builds the plotly figures (no
 Streamlit), ``views`` renders one section each, ``app`` picks the run and lays the page out.
-Launch it with ``tl-noise app RUNS_ROOT`` (:func:`tl_noise.app.launch`) or
+Launch it with ``tl-noise app RUNS_ROOT`` (:func:`tl_noise.cli.app.launch`) or
 ``streamlit run apps/dashboard.py -- RUNS_ROOT``.
 """

@@ -182,7 +182,7 @@ def losses(run: Run) -> None:
 
 
 def ranking(run: Run, truth: dict[str, list[list[int]]] | None) -> None:
-    from tl_noise.analysis import ground_truth_mask, roc_auc
+    from tl_noise.evaluation import ground_truth_mask, roc_auc
 
     st.subheader("Ranked head importance")
     if not run.head_hooks():

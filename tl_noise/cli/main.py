@@ -91,7 +91,7 @@ def _common_fit_args(parser: argparse.ArgumentParser, steps: int) -> None:
 
 def _fit_from_args(model: Any, task: Any, args: argparse.Namespace, prefix: str) -> Any:
     import tl_noise as tn
-    from tl_noise.train import fit
+    from tl_noise.fitting import fit
 
     param = make_parameterization(args.parameterization, *args.scale, args.shallow)
     noise = tn.attach_noise(
@@ -127,7 +127,7 @@ def _fit_from_args(model: Any, task: Any, args: argparse.Namespace, prefix: str)
 
 def add_faithfulness(model: Any, task: Any, result: Any) -> None:
     """Record the faithfulness curve of the learned ranking in the run's summary.json."""
-    from tl_noise.analysis import faithfulness_curve
+    from tl_noise.evaluation import faithfulness_curve
     from tl_noise.io import read_json, write_json
 
     try:
@@ -154,7 +154,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"{model.cfg.n_heads} heads, induction task with {len(task)} sequences"
     )
     result = _fit_from_args(model, task, args, "demo")
-    from tl_noise.train import rank_heads
+    from tl_noise.ranking import rank_heads
 
     print()
     print(ranking_table(rank_heads(result.importance), model.ground_truth, top=args.top))
@@ -162,7 +162,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.no_app or os.environ.get("TL_NOISE_NO_APP"):
         print(f"open it with: tl-noise app {result.run_dir}")
         return 0
-    from tl_noise.app import launch
+    from tl_noise.cli.app import launch
 
     print(f"dashboard: http://127.0.0.1:{args.port}  (Ctrl-C to stop)")
     launch(result.run_dir, port=args.port, block=True)
@@ -171,8 +171,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     import tl_noise as tn
+    from tl_noise.ranking import rank_heads
     from tl_noise.tasks import make_task
-    from tl_noise.train import rank_heads
 
     model = tn.load_model(args.model, device=args.device)
     model.eval()
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_show)
 
     try:
-        from tl_noise.app import add_app_parser
+        from tl_noise.cli.app import add_app_parser
     except ImportError:  # the dashboard extra is not installed
         add_app_parser = None
     if add_app_parser is not None:

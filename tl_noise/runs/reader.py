@@ -1,228 +1,40 @@
-"""The run directory: what a fit writes and what the dashboard and notebooks read.
+"""Reading run directories: :class:`Run`, :func:`load_run` and :func:`list_runs`.
 
-Layout of a run directory::
-
-    config.json                 model, hooks, noise settings, objective, mode, seed, versions
-    status.json                 {"state": "running" | "completed" | "failed", "step", "message"}
-    history.jsonl               one JSON object per logged step (see below)
-    checkpoints/step_0000050/   noise_config.json, noise_state.safetensors,
-                                trainer_state.json, optimizer_state.safetensors
-    checkpoints/latest.json     {"step": 50, "path": "step_0000050"}
-    final/                      noise_config.json, noise_state.safetensors (the fitted noise)
-    summary.json                final ranking of heads (and ground truth when known)
-
-Every file is written atomically (temporary file, fsync, rename; checkpoint folders are renamed
-into place whole), and history lines are appended whole and fsync'ed, so a reader never sees a
-half-written file and a killed run resumes from its last checkpoint. Readers skip a trailing
-partial history line. A history record holds::
-
-    {"step": k, "loss": {"task", "noise", "total", ...}, "mean_std": float,
-     "equivalent": {"alpha", "scale"},              # global alphaless equivalents
-     "std": {hook: nested list shaped like the std},
-     "grad": {hook: {"noise_norm", "task_norm", "cosine", "noise", "task",
-                     "projected", "projected_norm", "alpha", "scale"}}}   # lists, one per head
+The dashboard and the notebooks read runs only through this module, while a fit may still be
+writing them.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from tl_noise.io import (
-    MAX_HISTORY_BYTES,
-    append_bytes,
-    atomic_write_bytes,
-    check_size,
-    read_json,
-    read_tensors,
-    write_json,
+from tl_noise.hooks.noise_hooks import CONFIG_FILE, STATE_FILE
+from tl_noise.io import read_json, read_tensors
+from tl_noise.names import hook_kind, hook_layer, is_head_hook
+from tl_noise.noise.layer import NoiseLayer
+from tl_noise.ranking import head_stds
+from tl_noise.runs.format import (
+    CONFIG,
+    FINAL,
+    GRAD_KEYS,
+    HISTORY,
+    NAN,
+    RUN_MARKERS,
+    STATUS,
+    SUMMARY,
+    as_float,
+    config_problem,
 )
-
-RUN_FORMAT = "tl-noise/run"
-CONFIG = "config.json"
-STATUS = "status.json"
-HISTORY = "history.jsonl"
-SUMMARY = "summary.json"
-CHECKPOINTS = "checkpoints"
-FINAL = "final"
+from tl_noise.runs.frames import RunFrames
+from tl_noise.runs.history import read_history, stds_from_record
 
 
-class RunWriter:
-    """Writes one run directory (used by :func:`tl_noise.fit`; rank 0 only when distributed)."""
-
-    def __init__(self, path: str | os.PathLike, config: dict[str, Any], resume: bool = False):
-        self.path = Path(path)
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / ".write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as err:
-            raise ValueError(f"run_dir {str(self.path)!r} is not writable: {err}") from err
-        existing = self.path / CONFIG
-        if resume:
-            if not existing.exists():
-                raise ValueError(f"resume=True but {str(self.path)!r} holds no run to resume")
-            old = read_json(existing, "run config")
-            # a run may be extended (more steps); every other setting must match
-            diff = config_differences(
-                {k: v for k, v in old.get("fit", {}).items() if k != "steps"},
-                {k: v for k, v in config.get("fit", {}).items() if k != "steps"},
-            )
-            if diff:
-                raise ValueError(
-                    f"cannot resume {str(self.path)!r} with a different config: {diff}"
-                )
-            if "steps" in config.get("fit", {}):
-                write_json(
-                    existing, {**old, "fit": {**old["fit"], "steps": config["fit"]["steps"]}}
-                )
-        elif existing.exists():
-            raise ValueError(
-                f"run_dir {str(self.path)!r} already holds a run; pass resume=True to continue it "
-                "or choose another directory"
-            )
-        else:
-            write_json(existing, {"format": RUN_FORMAT, "version": 1, **config})
-
-    def status(self, state: str, step: int, message: str = "") -> None:
-        write_json(self.path / STATUS, {"state": state, "step": step, "message": message})
-
-    def append_history(self, records: list[dict[str, Any]]) -> None:
-        """Append whole lines and fsync them (one write call per batch of records); a failed
-        write (a full disk) is cut back off, leaving the history as it was."""
-        if not records:
-            return
-        data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
-        append_bytes(self.path / HISTORY, data)
-
-    def truncate_history(self, before_step: int) -> None:
-        """Keep only complete history records with ``step < before_step`` (used on resume)."""
-        kept = [r for r in read_history(self.path) if r["step"] < before_step]
-        atomic_write_bytes(
-            self.path / HISTORY,
-            "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in kept).encode(),
-        )
-
-    def checkpoint(
-        self, step: int, save_noise: Any, trainer_state: dict[str, Any], tensors: dict[str, Tensor]
-    ) -> Path:
-        """Write checkpoint ``step`` into a temporary folder and rename it into place."""
-        root = self.path / CHECKPOINTS
-        root.mkdir(exist_ok=True)
-        name = f"step_{step:07d}"
-        tmp = root / f".tmp_{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_noise(tmp)
-        write_json(tmp / "trainer_state.json", {"step": step, **trainer_state})
-        from tl_noise.io import write_tensors
-
-        write_tensors(tmp / "optimizer_state.safetensors", tensors)
-        final = root / name
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        write_json(root / "latest.json", {"step": step, "path": name})
-        return final
-
-    def write_final(self, save_noise: Any, summary: dict[str, Any]) -> None:
-        tmp = self.path / f".tmp_{FINAL}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_noise(tmp)
-        shutil.rmtree(self.path / FINAL, ignore_errors=True)
-        os.replace(tmp, self.path / FINAL)
-        write_json(self.path / SUMMARY, summary)
-
-
-def config_differences(old: dict[str, Any], new: dict[str, Any]) -> str:
-    keys = sorted(set(old) | set(new))
-    return ", ".join(
-        f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)
-    )
-
-
-def read_history(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All complete records of a run's history (a trailing partial line is ignored)."""
-    file = Path(path) / HISTORY
-    if not file.exists():
-        return []
-    check_size(file, MAX_HISTORY_BYTES, "run history")
-    records = []
-    for line in file.read_bytes().split(b"\n"):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue  # a line still being written, or damaged: skip it
-    return records
-
-
-def latest_checkpoint(path: str | os.PathLike) -> tuple[int, Path] | None:
-    """``(step, folder)`` of the newest complete checkpoint, or None."""
-    root = Path(path) / CHECKPOINTS
-    try:
-        info = read_json(root / "latest.json", "checkpoint pointer")
-        folder = root / info["path"]
-        if folder.is_dir():
-            return int(info["step"]), folder
-    except (ValueError, KeyError, TypeError):
-        pass
-    steps = sorted(root.glob("step_*")) if root.exists() else []
-    return (int(steps[-1].name.split("_")[1]), steps[-1]) if steps else None
-
-
-def read_trainer_state(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    return (
-        read_json(folder / "trainer_state.json", "trainer state"),
-        read_tensors(folder / "optimizer_state.safetensors", "optimizer state"),
-    )
-
-
-def stds_from_record(record: dict[str, Any]) -> dict[str, Tensor]:
-    return {name: torch.tensor(value, dtype=torch.float32) for name, value in record["std"].items()}
-
-
-# ------------------------------------------------------------------------------ reading runs
-# Everything below reads run directories; the dashboard and the notebooks go through it only.
-
-GRAD_KEYS = (
-    "noise_norm",
-    "task_norm",
-    "cosine",
-    "noise",
-    "task",
-    "projected",
-    "projected_norm",
-    "alpha",
-    "scale",
-)
-RUN_MARKERS = (CONFIG, STATUS, HISTORY)
-NAN = float("nan")
-
-
-def _as_float(value: Any) -> float:
-    # history writes non-finite floats as the strings "inf", "-inf", "nan"
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return NAN
-
-
-def hook_kind(name: str) -> str:
-    """A hook name without its block (``"blocks.3.attn.hook_z"`` -> ``"attn.hook_z"``)."""
-    parts = name.split(".")
-    if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit():
-        return ".".join(parts[2:])
-    return name
-
-
-class Run:
+class Run(RunFrames):
     """A run directory opened for reading: config, status, history, final noise and summary.
 
     ``Run(path)`` reads and checks ``config.json`` at once (ValueError naming the path when the
@@ -244,7 +56,7 @@ class Run:
             config = read_json(self.path / CONFIG, "run config")
         except ValueError as err:
             raise ValueError(f"{where!r} is not a readable tl-noise run: {err}") from err
-        problem = _config_problem(config)
+        problem = config_problem(config)
         if problem:
             raise ValueError(f"{where!r} is not a readable tl-noise run: config.json {problem}")
         self.config: dict[str, Any] = config
@@ -326,14 +138,11 @@ class Run:
 
     def head_hooks(self) -> list[str]:
         """The noised hooks that carry one std per attention head (``hook_z``, ``hook_q``...)."""
-        from tl_noise.analysis import HEAD_HOOKS, hook_layer
-
         hooks = self.config.get("noise", {}).get("hooks", {})
         return [
             name
             for name in self.hook_names()
-            if hook_layer(name) is not None
-            and name.endswith(HEAD_HOOKS)
+            if is_head_hook(name)
             and hooks.get(name, {}).get("granularity", "head") in ("head", "head_feature")
         ]
 
@@ -382,8 +191,6 @@ class Run:
 
     def head_std_matrix(self, step: int | None = None) -> Tensor:
         """``[n_layers, n_heads]`` std per head at ``step`` (None: the final stds)."""
-        from tl_noise.analysis import head_stds
-
         stds = self.final_stds() if step is None else self.stds_at(step)
         return head_stds(self._head_view(stds), self.n_layers, self.n_heads)
 
@@ -421,105 +228,17 @@ class Run:
         return self._cached(("grad", step, key, kind), lambda: self._grad(step, key, kind))
 
     def _grad(self, step: int, key: str, kind: str) -> Tensor:
-        from tl_noise.analysis import hook_layer
-
         out = torch.full((self.n_layers, self.n_heads), NAN)
         for name, stats in (self.record(step).get("grad") or {}).items():
             layer = hook_layer(name)
             if hook_kind(name) != kind or layer is None or key not in stats:
                 continue
-            values = [_as_float(v) for v in stats[key]]
+            values = [as_float(v) for v in stats[key]]
             if len(values) != self.n_heads or not 0 <= layer < self.n_layers:
                 raise ValueError(f"run {self.name!r}: gradient {key!r} of {name!r} at step {step} "
                                  f"has {len(values)} values; expected {self.n_heads}")  # fmt: skip
             out[layer] = torch.tensor(values)
         return out
-
-    # -------------------------------------------------------------------- frames
-    def loss_frame(self) -> Any:
-        """pandas DataFrame, one row per logged step: step, task, noise, total, mean_std,
-        lambda, alpha, scale (the last two: global alphaless equivalents)."""
-        import pandas as pd
-
-        def build() -> Any:
-            rows = []
-            for r in self.history():
-                loss, eq = r.get("loss") or {}, r.get("equivalent") or {}
-                rows.append({
-                    "step": r["step"],
-                    **{k: _as_float(loss.get(k)) for k in ("task", "noise", "total", "lambda")},
-                    "mean_std": _as_float(r.get("mean_std")),
-                    "alpha": _as_float(eq.get("alpha")),
-                    "scale": _as_float(eq.get("scale")),
-                })  # fmt: skip
-            columns = ["step", "task", "noise", "total", "mean_std", "lambda", "alpha", "scale"]
-            return pd.DataFrame(rows, columns=columns)
-
-        return self._cached("loss_frame", build).copy()
-
-    def history_frame(self) -> Any:
-        """pandas DataFrame, one row per step x per-head hook x head: step, hook, layer, head,
-        std (geometric mean over a head's features/positions) and, when recorded, the gradient
-        statistics of :data:`GRAD_KEYS`."""
-        import pandas as pd
-
-        from tl_noise.analysis import hook_layer
-
-        def build() -> Any:
-            columns: dict[str, list[Any]] = {k: [] for k in ("step", "hook", "layer", "head")}
-            columns.update({k: [] for k in ("std", *GRAD_KEYS)})
-            seen: set[str] = set()
-            for r in self.history():
-                view = self._head_view(self._stds_of(r, r["step"]))
-                grads = r.get("grad") or {}
-                for name, std in view.items():
-                    per_head = std.double().reshape(self.n_heads, -1).log().mean(1).exp()
-                    stats = grads.get(name) or {}
-                    seen.update(k for k in stats if k in GRAD_KEYS)
-                    for head in range(self.n_heads):
-                        columns["step"].append(r["step"])
-                        columns["hook"].append(name)
-                        columns["layer"].append(hook_layer(name))
-                        columns["head"].append(head)
-                        columns["std"].append(float(per_head[head]))
-                        for k in GRAD_KEYS:
-                            values = stats.get(k)
-                            ok = isinstance(values, list) and len(values) == self.n_heads
-                            columns[k].append(_as_float(values[head]) if ok else NAN)
-            keep = ["step", "hook", "layer", "head", "std", *(k for k in GRAD_KEYS if k in seen)]
-            return pd.DataFrame({k: columns[k] for k in keep})
-
-        return self._cached("history_frame", build).copy()
-
-    def ranking_frame(self, step: int | None = None) -> Any:
-        """pandas DataFrame of heads, most important first: rank, layer, head, std, importance
-        (``-log std``) and, when the run knows its circuit, the ground-truth class ("" if none).
-        """
-        import pandas as pd
-
-        from tl_noise.analysis import head_ranking
-
-        std = self.head_std_matrix(step)
-        importance = -std.log()
-        truth = self.ground_truth() or {}
-        label = {(int(l_), int(h)): cls for cls, heads in truth.items() for l_, h in heads}
-        rows = []
-        for i in head_ranking(importance).tolist():
-            layer, head = divmod(int(i), self.n_heads)
-            if bool(std[layer, head].isnan()):
-                continue
-            row = {
-                "rank": len(rows) + 1,
-                "layer": layer,
-                "head": head,
-                "std": float(std[layer, head]),
-                "importance": float(importance[layer, head]),
-            }
-            if truth:
-                row["ground_truth"] = label.get((layer, head), "")
-            rows.append(row)
-        columns = ["rank", "layer", "head", "std", "importance"] + (["ground_truth"] * bool(truth))
-        return pd.DataFrame(rows, columns=columns)
 
     # -------------------------------------------------------------- annotations
     def ground_truth(self) -> dict[str, list[list[int]]] | None:
@@ -554,34 +273,12 @@ class Run:
         ks, values = curve.get("k", curve.get("ks")), curve.get("faithfulness")
         if not (isinstance(ks, list) and isinstance(values, list) and len(ks) == len(values)):
             return None
-        return {"k": [int(k) for k in ks], "faithfulness": [_as_float(v) for v in values]}
-
-
-def _config_problem(config: Any) -> str:
-    if not isinstance(config, dict):
-        return "is not a JSON object"
-    if config.get("format") != RUN_FORMAT:
-        return f"has format {config.get('format')!r}; expected {RUN_FORMAT!r}"
-    hooks = config.get("hooks")
-    if not (isinstance(hooks, list) and all(isinstance(h, str) for h in hooks)):
-        return "lacks the list of noised hooks"
-    model = config.get("model")
-    fingerprint = model.get("fingerprint") if isinstance(model, dict) else None
-    if not isinstance(fingerprint, dict):
-        return "lacks model.fingerprint (the model's n_layers and n_heads)"
-    for field in ("n_layers", "n_heads"):
-        value = fingerprint.get(field)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            return f"has model.fingerprint.{field}={value!r}; expected an int > 0"
-    return ""
+        return {"k": [int(k) for k in ks], "faithfulness": [as_float(v) for v in values]}
 
 
 def _stds_from_noise_folder(folder: Path) -> dict[str, Tensor] | None:
     """Stds of noise saved with ``NoiseHooks.save`` without the model (None when the std is a
     function of the input, i.e. an estimator layer)."""
-    from tl_noise.hooks import CONFIG_FILE, STATE_FILE
-    from tl_noise.layers import NoiseLayer
-
     config = read_json(folder / CONFIG_FILE, "noise config")
     state = read_tensors(folder / STATE_FILE, "noise state")
     out = {}

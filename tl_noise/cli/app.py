@@ -1,7 +1,9 @@
 """Launching the dashboard: ``tl-noise app RUN_DIR_OR_RUNS_ROOT [--port N]``.
 
-The page is :mod:`tl_noise.dashboard.app`; in a checkout ``apps/dashboard.py`` is its entry
-script, and an installed package runs the module's own file, so both work without the repository.
+The page is :mod:`tl_noise.dashboard.app`, shipped with the package: the launcher always serves
+that file (never a script found by walking up from the installed package, where a folder called
+``apps`` may belong to anything). In a checkout, ``apps/dashboard.py`` is the same page for
+``streamlit run apps/dashboard.py -- ROOT``.
 The server is ``python -m streamlit run SCRIPT --server.port N --server.address HOST
 --server.headless true --browser.gatherUsageStats false -- ROOT``.
 """
@@ -16,13 +18,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-REPO_SCRIPT = Path(__file__).resolve().parent.parent / "apps" / "dashboard.py"
-PACKAGE_SCRIPT = Path(__file__).resolve().parent / "dashboard" / "app.py"
-
-
 def dashboard_script() -> Path:
-    """``apps/dashboard.py`` in a checkout, else the packaged page."""
-    return REPO_SCRIPT if REPO_SCRIPT.is_file() else PACKAGE_SCRIPT
+    """The packaged page, :mod:`tl_noise.dashboard.app`."""
+    import tl_noise.dashboard
+
+    return Path(tl_noise.dashboard.__file__).resolve().parent / "app.py"
 
 
 def dashboard_command(

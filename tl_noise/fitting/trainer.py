@@ -18,7 +18,7 @@ They are combined according to ``mode``:
   1)`` plus a damping term (Platt & Barr, 1988) that pushes back as soon as the task loss
   overshoots, so the task loss settles at the budget the user accepts (e.g. KL <= 0.05).
 
-The same per-step quantities feed the run directory (:mod:`tl_noise.runs`).
+The same per-step quantities feed the run directory (:mod:`tl_noise.runs.reader`).
 """
 
 from __future__ import annotations
@@ -37,11 +37,9 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_noise import distributed
-from tl_noise.analysis import head_importance
-from tl_noise.hooks import NoiseHooks, check_model, check_tokens, model_fingerprint
-from tl_noise.models import model_name
-from tl_noise.objectives import (
+from tl_noise.devices import model_device
+from tl_noise.fitting import distributed
+from tl_noise.fitting.objectives import (
     NOISE_LOSSES,
     clean_distribution,
     cross_entropy,
@@ -50,8 +48,12 @@ from tl_noise.objectives import (
     noise_loss,
     resolve_objective,
 )
-from tl_noise.projection import alphaless_gradients, equivalent_alpha_and_scaling_factor_of
-from tl_noise.runs import GRAD_KEYS, RunWriter, latest_checkpoint, read_trainer_state
+from tl_noise.fitting.projection import alphaless_gradients, equivalent_alpha_and_scaling_factor_of
+from tl_noise.hooks import NoiseHooks, check_model, check_tokens, head_importance, model_fingerprint
+from tl_noise.models import model_name
+from tl_noise.ranking import rank_heads
+from tl_noise.runs.format import GRAD_KEYS
+from tl_noise.runs.writer import RunWriter, latest_checkpoint, read_trainer_state
 from tl_noise.tasks.base import Task
 
 MODES = ("alphaless", "composite", "budget")
@@ -156,19 +158,9 @@ class CleanTargets:
 
     @torch.no_grad()
     def _compute(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        saved = self.noise.mode
-        self.noise.set_mode("off")
-        try:
-            device = self.noise_device()
-            logits = self.model(self.tokens[idx].to(device))
-        finally:
-            self.noise.set_mode(saved if saved != "mixed" else "sample")
+        with self.noise.switched_off():
+            logits = self.model(self.tokens[idx].to(model_device(self.model)))
         return clean_distribution(_masked_rows(logits, self.mask[idx].to(logits.device)))
-
-    def noise_device(self) -> torch.device:
-        for p in self.model.parameters():
-            return p.device
-        return torch.device("cpu")
 
     def __call__(self, idx: Tensor) -> tuple[list[Tensor], Tensor]:
         """``(probability row blocks, sum p log p per row)`` of the examples ``idx``."""
@@ -397,7 +389,7 @@ def fit(
         if kind == "kl"
         else None
     )
-    device = targets.noise_device() if targets else next(iter(params)).device
+    device = model_device(model) if targets else next(iter(params)).device
     history: list[dict[str, Any]] = []
     pending: list[dict[str, Any]] = []
     layers = [layer for _, layer in noise.items()]
@@ -586,7 +578,7 @@ def _grads(loss: Tensor, params: list[Tensor], retain: bool) -> list[Tensor]:
 def _record(
     step, noise, params, g_noise, g_task, g, task_loss, n_loss, mode, alpha, lam
 ) -> dict[str, Any]:
-    """One history record (format in :mod:`tl_noise.runs`), with one device->host copy per
+    """One history record (format in :mod:`tl_noise.runs.reader`), with one device->host copy per
     device: every number is computed where it lives, gathered and copied once."""
     with torch.no_grad():
         eq_alpha, eq_scale = equivalent_alpha_and_scaling_factor_of(
@@ -710,21 +702,3 @@ def _safe_importance(noise: NoiseHooks) -> Tensor | None:
     except (ValueError, AttributeError):
         return None
     return None if torch.isnan(imp).all() else imp
-
-
-def rank_heads(importance: Tensor | None) -> list[dict[str, Any]]:
-    """Heads sorted by importance (most important first): layer, head, importance, std."""
-    if importance is None:
-        return []
-    n_heads = importance.shape[1]
-    flat = importance.reshape(-1)
-    order = [i for i in torch.argsort(flat, descending=True).tolist() if not math.isnan(flat[i])]
-    return [
-        {
-            "layer": i // n_heads,
-            "head": i % n_heads,
-            "importance": float(flat[i]),
-            "std": math.exp(-float(flat[i])),
-        }
-        for i in order
-    ]

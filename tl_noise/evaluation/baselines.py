@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_noise.ablation import (
+from tl_noise.evaluation.ablation import (
     HeadPatch,
     ablation_values,
     batch_loss,

@@ -26,7 +26,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tl_noise.objectives import cross_entropy
+from tl_noise.devices import model_device
+from tl_noise.fitting.objectives import cross_entropy
 from tl_noise.tasks.base import Batch, Task
 
 ABLATIONS = ("mean", "resample")
@@ -41,10 +42,6 @@ def z_hook_name(layer: int) -> str:
 def model_heads(model: Any) -> tuple[int, int]:
     """``(n_layers, n_heads)`` of a TransformerLens model."""
     return int(model.cfg.n_layers), int(model.cfg.n_heads)
-
-
-def model_device(model: Any) -> torch.device:
-    return next(iter(model.parameters()), torch.zeros(())).device
 
 
 def check_head_tensor(model: Any, x: Tensor, what: str) -> None:

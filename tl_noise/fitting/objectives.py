@@ -14,7 +14,7 @@ Task losses compare the noised model with the clean one at the positions ``loss_
   ``metric(logits, batch) -> scalar`` passed as ``objective``.
 
 The three ways of combining them (``composite``, ``alphaless``, ``budget``) live in
-:mod:`tl_noise.train`, which needs the two gradients separately.
+:mod:`tl_noise.fitting.trainer`, which needs the two gradients separately.
 """
 
 from __future__ import annotations

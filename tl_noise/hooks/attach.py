@@ -1,0 +1,152 @@
+"""``attach_noise``: insert learnable noise at a model's hook points.
+
+>>> noise = attach_noise(model, "blocks.*.attn.hook_z", granularity="head")
+>>> noise.stds()["blocks.0.attn.hook_z"].shape      # [n_heads]
+>>> noise.remove()                                   # outputs are bit-identical to before
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from tl_noise.hooks.calibration import (
+    check_finite_stats,
+    collect_activation_stats,
+    default_probe_tokens,
+)
+from tl_noise.hooks.noise_hooks import NoiseHooks
+from tl_noise.hooks.selection import (
+    UNSUPPORTED_HOOKS,
+    HookSpec,
+    check_model,
+    check_tokens,
+    resolve_hook_names,
+)
+from tl_noise.noise.covariance import FactorizedCovariance
+from tl_noise.noise.estimator import RhoEstimator
+from tl_noise.noise.layer import NoiseLayer, param_shape_for
+from tl_noise.noise.parameterizations import StandardDeviationParameterization
+
+
+def attach_noise(
+    model: Any,
+    hooks: HookSpec,
+    granularity: str = "auto",
+    parameterization: StandardDeviationParameterization | None = None,
+    init_std: float = 0.05,
+    covariance: Callable[[], FactorizedCovariance] | None = None,
+    learn_mean: bool = False,
+    per_position: bool = False,
+    estimator: bool | dict[str, Any] = False,
+    relative: bool = True,
+    calibration_tokens: Int[Tensor, "n pos"] | None = None,
+    seed: int | None = 0,
+) -> NoiseHooks:
+    """Insert learnable noise at the selected hook points of ``model`` and return the hooks.
+
+    Args:
+        model: a TransformerLens ``TransformerBridge`` (4.x) or ``HookedTransformer`` (3.x).
+        hooks: exact hook names, glob patterns (``"blocks.*.attn.hook_z"``) or a predicate.
+        granularity: ``"head"``, ``"head_feature"``, ``"feature"``, ``"hook"``, or ``"auto"``
+            (``"head"`` for ``[batch, pos, n_heads, d]`` activations, else ``"feature"``).
+        parameterization: rho -> std map, shared by all layers (default Cloak ``(1e-4, 2)``).
+        init_std: initial std (relative to the natural scale unless ``relative=False``).
+        covariance: a factory (e.g. ``lambda: KroneckerCovariance(2, 4)``) giving each layer
+            its own structured covariance; ``None`` for independent noise.
+        learn_mean: also learn a mean shift per parameter.
+        per_position: one std per position as well (up to the calibration tokens' length).
+        estimator: estimate rhos from the activation with a small network (``True`` or a dict
+            of :class:`~tl_noise.layers.RhoEstimator` arguments).
+        relative: scale noise by each unit's natural std measured on ``calibration_tokens``
+            (uniformly random tokens if none are given; :func:`tl_noise.fit` recalibrates on
+            its data in that case).
+        seed: seed of the noise generator (``None``: torch's global RNG).
+
+    Shapes are checked now, with a probe forward pass, not at the first training step.
+    """
+    check_model(model)
+    if parameterization is not None and not isinstance(
+        parameterization, StandardDeviationParameterization
+    ):
+        raise TypeError(
+            f"parameterization={parameterization!r}; expected a StandardDeviationParameterization "
+            "(e.g. tl_noise.CloakStandardDeviationParameterization()) or None"
+        )
+    names = resolve_hook_names(model, hooks)
+    source = "data" if calibration_tokens is not None else "random"
+    if calibration_tokens is None:
+        calibration_tokens = default_probe_tokens(model)
+    check_tokens(model, calibration_tokens, "calibration_tokens")
+    explicit = isinstance(hooks, str) and not any(c in hooks for c in "*?[")
+    explicit = explicit or (
+        not callable(hooks)
+        and not isinstance(hooks, str)
+        and all(not any(c in h for c in "*?[") for h in hooks)
+    )
+    unsupported = [n for n in names if n.endswith(UNSUPPORTED_HOOKS)]
+    if unsupported and explicit:
+        raise ValueError(
+            f"noise on attention scores/patterns is not supported ({unsupported}); their shape "
+            "[batch, n_heads, query, key] changes with the sequence length. Noise hook_z instead."
+        )
+    names = [n for n in names if n not in unsupported]
+    stats = collect_activation_stats(model, names, calibration_tokens, require_all=explicit)
+    check_finite_stats(stats, names)
+    silent = [n for n in names if n not in stats]
+    if silent:
+        warnings.warn(f"skipping hook points that never fire: {silent}", stacklevel=2)
+    names = [n for n in names if n in stats]
+    if not names:
+        raise ValueError(f"none of the hook points selected by {hooks!r} fires in a forward pass")
+    layers = {}
+    for name in names:
+        shape = stats[name]["shape"]
+        if len(shape) < 3:
+            raise ValueError(
+                f"hook point {name!r} has activation shape {list(shape)}; tl-noise "
+                "needs [batch, pos, ...] activations"
+            )
+        unit = tuple(shape[2:])
+        gran = granularity
+        if gran == "auto":
+            gran = "head" if len(unit) == 2 and name.split(".")[-1] != "hook_pattern" else "feature"
+        est = None
+        if estimator:
+            kwargs = estimator if isinstance(estimator, dict) else {}
+            n_out = max(1, int(torch.Size(param_shape_for(unit, gran, name)).numel()))
+            est = RhoEstimator(int(torch.Size(unit).numel()), n_out, **kwargs)
+        layer = NoiseLayer(
+            unit,
+            granularity=gran,
+            parameterization=copy.deepcopy(parameterization),
+            init_std=init_std,
+            covariance=covariance() if covariance is not None else None,
+            learn_mean=learn_mean,
+            n_positions=calibration_tokens.shape[1] if per_position else None,
+            estimator=est,
+            relative=relative,
+            name=name,
+        )
+        layer.set_natural_scale(stats[name]["std"])
+        layers[name] = layer.to(stats[name]["device"])
+    noise = NoiseHooks(model, layers, seed=seed)
+    noise.calibration_source = source
+    return noise.attach()
+
+
+def describe(noise: NoiseHooks) -> str:
+    """One line per hook: name, granularity, std shape and mean std."""
+    lines = []
+    for name, std in noise.stds().items():
+        layer = noise.layer(name)
+        lines.append(f"{name}: {layer.granularity} {list(std.shape)} mean std {std.mean():.4g}")
+    return "\n".join(lines)
+
+

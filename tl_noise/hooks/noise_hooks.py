@@ -1,0 +1,323 @@
+"""Attach noise layers to the hook points of a TransformerLens model.
+
+One mechanism serves TransformerLens 4.x ``TransformerBridge`` and 3.x ``HookedTransformer``: a
+noise layer is registered on the model's ``HookPoint`` with the HookPoint's own ``add_hook`` (as a
+*permanent* hook, so ``run_with_hooks``/``reset_hooks()`` leave it alone), and it returns a new
+tensor, which replaces the activation. On the bridge, ``hook_z`` is a reshaped view of the output
+projection's input; the HookPoint converts it to ``[batch, pos, n_heads, d_head]`` before our hook
+and back afterwards, so the same layer works on both versions.
+
+>>> noise = attach_noise(model, "blocks.*.attn.hook_z", granularity="head")
+>>> noise.stds()["blocks.0.attn.hook_z"].shape      # [n_heads]
+>>> noise.remove()                                   # outputs are bit-identical to before
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor, nn
+
+from tl_noise.devices import model_device
+from tl_noise.hooks.calibration import (
+    add_permanent_hook,
+    check_finite_stats,
+    collect_activation_stats,
+    remove_hook,
+)
+from tl_noise.hooks.selection import check_model
+from tl_noise.io import atomic_write_files, json_bytes, read_json, read_tensors, tensor_bytes
+from tl_noise.names import module_key
+from tl_noise.noise.layer import NOISE_MODES, NoiseLayer
+from tl_noise.scaling.parametrizations import param_groups
+
+FINGERPRINT_FIELDS = (
+    "n_layers",
+    "d_model",
+    "n_heads",
+    "d_head",
+    "d_mlp",
+    "d_vocab",
+    "n_ctx",
+    "attn_only",
+    "n_key_value_heads",
+    "act_fn",
+    "normalization_type",
+    "positional_embedding_type",
+)
+CONFIG_FILE = "noise_config.json"
+STATE_FILE = "noise_state.safetensors"
+
+def model_fingerprint(model: Any) -> dict[str, Any]:
+    """The config fields that decide whether saved noise fits a model."""
+    cfg = model.cfg
+    out = {}
+    for field in FINGERPRINT_FIELDS:
+        value = getattr(cfg, field, None)
+        out[field] = value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+    return out
+
+
+class NoiseHooks(nn.Module):
+    """Noise layers attached to a model's hook points (an ``nn.Module`` of noise parameters only).
+
+    ``parameters()`` yields only the noise parameters, so an optimizer built from it never
+    touches the model. Use as a context manager to remove the hooks on exit, also on error.
+    """
+
+    def __init__(self, model: Any, layers: dict[str, NoiseLayer], seed: int | None = 0) -> None:
+        super().__init__()
+        check_model(model)
+        object.__setattr__(self, "_model", model)  # not a submodule: its weights are not ours
+        self.hook_names = list(layers)
+        self.layers = nn.ModuleDict({module_key(n): layer for n, layer in layers.items()})
+        self.fingerprint = model_fingerprint(model)
+        self.calibration_source = "none"
+        self._handles: list[tuple[Any, Any]] = []
+        self._generators: dict[str, torch.Generator] = {}
+        self.seed = seed
+
+    # ------------------------------------------------------------ attachment
+    @property
+    def model(self) -> Any:
+        return self._model
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def layer(self, name: str) -> NoiseLayer:
+        return self.layers[module_key(name)]
+
+    def items(self) -> Iterator[tuple[str, NoiseLayer]]:
+        for name in self.hook_names:
+            yield name, self.layer(name)
+
+    def attach(self) -> NoiseHooks:
+        if self.attached:
+            return self
+        try:
+            for name, layer in self.items():
+                point = self._model.hook_dict[name]
+                self._handles.append((point, add_permanent_hook(point, self._hook_fn(layer))))
+        except BaseException:
+            self.remove()  # all or nothing: never leave some hooks behind
+            raise
+        return self
+
+    def remove(self) -> None:
+        """Remove every hook this object added; the model computes exactly what it did before."""
+        while self._handles:
+            remove_hook(*self._handles.pop())
+
+    def __enter__(self) -> NoiseHooks:
+        return self.attach()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def _hook_fn(self, layer: NoiseLayer) -> Callable:
+        def noise_hook(activation: Tensor, hook: Any) -> Tensor:
+            if activation.device != layer.natural_scale.device:
+                raise ValueError(
+                    f"the noise layer at {layer.name!r} is on {layer.natural_scale.device} but "
+                    f"the activation there is on {activation.device}; attach the noise after "
+                    "moving the model (each layer follows its hook's device)"
+                )
+            return layer(activation, generator=self.generator(activation.device))
+
+        return noise_hook
+
+    # ------------------------------------------------------------- sampling
+    def set_batch_shard(self, offset: int, global_batch: int) -> None:
+        """Draw noise as rows ``offset:offset+b`` of a ``global_batch`` draw (data parallel)."""
+        for _, layer in self.items():
+            layer.batch_shard = (offset, global_batch)
+
+    def clear_batch_shard(self) -> None:
+        for _, layer in self.items():
+            layer.batch_shard = None
+
+    def manual_seed(self, seed: int | None) -> None:
+        """Seed the noise: the same seed gives identical noise; ``None`` uses torch's global RNG."""
+        self.seed = seed
+        self._generators.clear()
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[key]
+
+    def generator_states(self) -> dict[str, Tensor]:
+        return {k: g.get_state() for k, g in self._generators.items()}
+
+    def set_generator_states(self, states: dict[str, Tensor]) -> None:
+        for key, state in states.items():
+            self.generator(torch.device(key)).set_state(state)
+
+    @property
+    def mode(self) -> str:
+        modes = {layer.mode for _, layer in self.items()}
+        return modes.pop() if len(modes) == 1 else "mixed"
+
+    def set_mode(self, mode: str) -> NoiseHooks:
+        """``"sample"`` (noise on), ``"mean"`` (only the learned mean shift) or ``"off"``."""
+        if mode not in NOISE_MODES:
+            raise ValueError(f"mode={mode!r}; accepted: {', '.join(NOISE_MODES)}")
+        for _, layer in self.items():
+            layer.mode = mode
+        return self
+
+    @contextmanager
+    def switched_off(self) -> Iterator[NoiseHooks]:
+        """Within the block the model computes its clean outputs; every layer's own mode
+        (``sample``/``mean``/``off``, also when they differ) is restored afterwards."""
+        saved = {name: layer.mode for name, layer in self.items()}
+        self.set_mode("off")
+        try:
+            yield self
+        finally:
+            for name, layer in self.items():
+                layer.mode = saved[name]
+
+    def train(self, mode: bool = True) -> NoiseHooks:
+        """``train()`` samples noise; ``eval()`` disables it (like dropout)."""
+        super().train(mode)
+        return self.set_mode("sample" if mode else "off")
+
+    def param_groups(self, lr: float, optimizer: str = "Adam") -> list[dict[str, Any]]:
+        """Optimizer param groups: rhos/means at ``lr``, covariance factors at ``lr`` times their
+        ``lr_scaling``, estimator networks at the lr scales of their parametrization."""
+        if not (isinstance(lr, (int, float)) and lr > 0 and lr < float("inf")):
+            raise ValueError(f"lr={lr!r}; expected a finite number > 0")
+        groups: list[dict[str, Any]] = []
+        for name, layer in self.items():
+            for pname, param, mult in layer.plain_parameters():
+                groups.append({"params": [param], "lr": lr * mult, "name": f"{name}.{pname}"})
+            if layer.estimator is not None:
+                est = layer.estimator
+                for group in param_groups(est.param_specs(), lr, optimizer, est.parametrization):
+                    group["name"] = f"{name}.estimator.{group['name']}"
+                    groups.append(group)
+        return groups
+
+    # ------------------------------------------------------------------ stds
+    def stds(self) -> dict[str, Tensor]:
+        """Hook name -> current std (detached, CPU float32), shaped as the granularity."""
+        with torch.no_grad():
+            return {name: layer.std().detach().float().cpu() for name, layer in self.items()}
+
+    def calibrate(self, tokens: Int[Tensor, "n pos"], batch_size: int = 16) -> None:
+        """Set each layer's natural scale to its activations' std on ``tokens`` (noise off)."""
+        with self.switched_off():
+            stats = collect_activation_stats(self._model, self.hook_names, tokens, batch_size)
+        check_finite_stats(stats, self.hook_names)
+        for name, layer in self.items():
+            layer.set_natural_scale(stats[name]["std"].to(layer.natural_scale.device))
+        self.calibration_source = "data"
+
+    # ------------------------------------------------------------ save/load
+    def config(self) -> dict[str, Any]:
+        return {
+            "format": "tl-noise/noise-hooks",
+            "version": 1,
+            "hooks": {name: layer.to_config() for name, layer in self.items()},
+            "order": self.hook_names,
+            "fingerprint": self.fingerprint,
+            "seed": self.seed,
+            "calibration_source": self.calibration_source,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``noise_config.json`` and ``noise_state.safetensors`` into directory ``path``."""
+        path = Path(path)
+        state = tensor_bytes(dict(self.state_dict()))
+        config = self.config()
+        config["state_sha256"] = hashlib.sha256(state).hexdigest()
+        # both files are written out before either is renamed into place: a failed write (a
+        # full disk) leaves a previously saved pair intact
+        atomic_write_files({path / STATE_FILE: state, path / CONFIG_FILE: json_bytes(config)})
+        return path
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], model: Any) -> NoiseHooks:
+        """Rebuild (unattached, freshly initialised) noise hooks for ``model`` from a config."""
+        check_model(model)
+        if not isinstance(config, dict) or config.get("format") != "tl-noise/noise-hooks":
+            raise ValueError("not a tl-noise noise config (missing format 'tl-noise/noise-hooks')")
+        for key, kind in (("fingerprint", dict), ("order", list), ("hooks", dict)):
+            if not isinstance(config.get(key), kind):
+                raise ValueError(
+                    f"malformed tl-noise noise config: {key!r} is {config.get(key)!r}, expected "
+                    f"a JSON {'object' if kind is dict else 'list'}"
+                )
+        unlisted = [n for n in config["order"] if n not in config["hooks"]]
+        if unlisted:
+            raise ValueError(f"malformed tl-noise noise config: no settings for hooks {unlisted}")
+        mismatch = {
+            k: (v, model_fingerprint(model).get(k))
+            for k, v in config["fingerprint"].items()
+            if model_fingerprint(model).get(k) != v
+        }
+        if mismatch:
+            detail = ", ".join(
+                f"{k}: saved {a!r} vs model {b!r}"
+                for k, a, b in ((k, *v) for k, v in mismatch.items())
+            )
+            raise ValueError(f"the saved noise does not fit this model ({detail})")
+        missing = [n for n in config["order"] if n not in model.hook_dict]
+        if missing:
+            raise ValueError(
+                f"the model has no hook point(s) {missing} that the noise was saved for"
+            )
+        try:
+            layers = {
+                n: NoiseLayer.from_config(config["hooks"][n], name=n) for n in config["order"]
+            }
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ValueError(
+                f"malformed tl-noise noise config: bad layer settings ({err!r})"
+            ) from err
+        device = model_device(model)
+        hooks = cls(model, layers, seed=config.get("seed", 0)).to(device)
+        hooks.calibration_source = config.get("calibration_source", "none")
+        return hooks
+
+    @classmethod
+    def load(cls, path: str | Path, model: Any, attach: bool = True) -> NoiseHooks:
+        """Load noise saved with :meth:`save` onto ``model`` (never unpickles)."""
+        path = Path(path)
+        config = read_json(path / CONFIG_FILE, "noise config")
+        state = read_tensors(path / STATE_FILE, "noise state")
+        expected = config.get("state_sha256") if isinstance(config, dict) else None
+        if expected and hashlib.sha256((path / STATE_FILE).read_bytes()).hexdigest() != expected:
+            raise ValueError(f"{str(path / STATE_FILE)!r} does not match its config (checksum)")
+        try:
+            hooks = cls.from_config(config, model)
+        except ValueError as err:
+            raise ValueError(f"cannot load the noise in {str(path)!r}: {err}") from err
+        own = hooks.state_dict()
+        bad = sorted(set(own) ^ set(state))
+        if bad:
+            raise ValueError(f"noise state in {str(path)!r} has missing/unexpected tensors: {bad}")
+        for key, value in state.items():
+            if tuple(value.shape) != tuple(own[key].shape):
+                raise ValueError(
+                    f"noise state tensor {key!r} has shape {list(value.shape)}, expected "
+                    f"{list(own[key].shape)}"
+                )
+        hooks.load_state_dict(state)
+        return hooks.attach() if attach else hooks
+
+    def __repr__(self) -> str:
+        head = f"NoiseHooks({len(self.hook_names)} hooks, attached={self.attached}"
+        return head + f", mode={self.mode})"

@@ -1,0 +1,102 @@
+"""Choosing hook points: checks on the model and tokens, and expanding hook specs to names.
+
+The bridge (TransformerLens 4.x) lists one ``HookPoint`` under several names (its module path
+``blocks.0.attn.o.hook_in`` and the 3.x name ``blocks.0.attn.hook_z``); a spec selects the
+HookPoint once, under the name both versions share.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+HookSpec = str | Iterable[str] | Callable[[str], bool]
+UNSUPPORTED_HOOKS = ("hook_pattern", "hook_attn_scores")
+
+
+def check_model(model: Any) -> None:
+    """TypeError unless ``model`` is a TransformerLens model (has ``hook_dict`` and ``cfg``)."""
+    if not (hasattr(model, "hook_dict") and hasattr(model, "cfg") and isinstance(model, nn.Module)):
+        raise TypeError(
+            f"expected a TransformerLens model (TransformerBridge or HookedTransformer), got "
+            f"{type(model).__name__}; load one with tl_noise.load_model(name_or_path)"
+        )
+
+
+def check_tokens(model: Any, tokens: Any, what: str = "tokens") -> None:
+    """TypeError/ValueError naming the problem unless ``tokens`` is a non-empty ``[n, pos]``
+    integer tensor of ids in ``[0, d_vocab)`` on a real device."""
+    kind = f"{what} must be an int tensor [n, pos]"
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"{kind}, got {type(tokens).__name__}")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise TypeError(f"{kind}, got dtype {tokens.dtype}")
+    if tokens.ndim != 2:
+        raise TypeError(f"{kind}, got shape {list(tokens.shape)}")
+    if tokens.device.type == "meta":
+        raise ValueError(f"{what} are on the meta device (no data); pass real token ids")
+    if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ValueError(f"{what} has shape {list(tokens.shape)}: the dataset is empty")
+    vocab = int(model.cfg.d_vocab)
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(
+            f"{what} must lie in [0, {vocab - 1}] (d_vocab={vocab}); found [{low}, {high}]"
+        )
+
+
+def _hook_name_preference(name: str) -> tuple[bool, int]:
+    # The bridge lists a HookPoint under its module path ("blocks.0.attn.o.hook_in") and under
+    # the TransformerLens 3.x name ("blocks.0.attn.hook_z"); prefer the latter, which both share.
+    return (name.endswith((".hook_in", ".hook_out")), len(name))
+
+
+def resolve_hook_names(model: Any, hooks: HookSpec) -> list[str]:
+    """Expand exact names, glob patterns (``"blocks.*.attn.hook_z"``) or a predicate.
+
+    Names that refer to the same HookPoint (the bridge's aliases) are kept once. Unknown names
+    raise a ValueError listing the closest valid names.
+    """
+    check_model(model)
+    hook_dict = model.hook_dict
+    all_names = list(hook_dict)
+    if callable(hooks) and not isinstance(hooks, str):
+        matched = [n for n in all_names if hooks(n)]
+        if not matched:
+            raise ValueError(f"the hook predicate {hooks!r} selected no hook point of the model")
+    else:
+        try:
+            specs = [hooks] if isinstance(hooks, str) else list(hooks)
+        except TypeError:
+            specs = []
+        if not specs or not all(isinstance(s, str) for s in specs):
+            raise TypeError(
+                f"hooks={hooks!r}; expected a name, a glob pattern, a list, or a callable"
+            )
+        matched = []
+        for spec in specs:
+            found = (
+                fnmatch.filter(all_names, spec)
+                if any(c in spec for c in "*?[")
+                else ([spec] if spec in hook_dict else [])
+            )
+            if not found:
+                close = difflib.get_close_matches(spec, all_names, n=5, cutoff=0.5)
+                hint = f"; closest: {', '.join(close)}" if close else ""
+                raise ValueError(f"unknown hook point {spec!r}{hint}")
+            matched.extend(n for n in found if n not in matched)
+    by_point: dict[int, str] = {}
+    order: list[int] = []
+    for name in matched:
+        key = id(hook_dict[name])
+        if key not in by_point:
+            order.append(key)
+            by_point[key] = name
+        elif _hook_name_preference(name) < _hook_name_preference(by_point[key]):
+            by_point[key] = name
+    return [by_point[k] for k in order]
