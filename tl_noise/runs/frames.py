@@ -1,0 +1,96 @@
+"""pandas views of a run (one row per step, per head, per ranked head) for notebooks and the
+dashboard; mixed into :class:`tl_noise.runs.Run`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tl_noise.names import hook_layer
+from tl_noise.ranking import head_ranking
+from tl_noise.runs.format import GRAD_KEYS, NAN, as_float
+
+
+class RunFrames:
+    """The frame methods of :class:`~tl_noise.runs.Run` (which supplies ``history()``,
+    ``_cached``, ``_head_view``, ``_stds_of``, ``head_std_matrix`` and ``ground_truth``)."""
+
+    def loss_frame(self) -> Any:
+        """pandas DataFrame, one row per logged step: step, task, noise, total, mean_std,
+        lambda, alpha, scale (the last two: global alphaless equivalents)."""
+        import pandas as pd
+
+        def build() -> Any:
+            rows = []
+            for r in self.history():
+                loss, eq = r.get("loss") or {}, r.get("equivalent") or {}
+                rows.append({
+                    "step": r["step"],
+                    **{k: as_float(loss.get(k)) for k in ("task", "noise", "total", "lambda")},
+                    "mean_std": as_float(r.get("mean_std")),
+                    "alpha": as_float(eq.get("alpha")),
+                    "scale": as_float(eq.get("scale")),
+                })  # fmt: skip
+            columns = ["step", "task", "noise", "total", "mean_std", "lambda", "alpha", "scale"]
+            return pd.DataFrame(rows, columns=columns)
+
+        return self._cached("loss_frame", build).copy()
+
+    def history_frame(self) -> Any:
+        """pandas DataFrame, one row per step x per-head hook x head: step, hook, layer, head,
+        std (geometric mean over a head's features/positions) and, when recorded, the gradient
+        statistics of :data:`GRAD_KEYS`."""
+        import pandas as pd
+
+        def build() -> Any:
+            columns: dict[str, list[Any]] = {k: [] for k in ("step", "hook", "layer", "head")}
+            columns.update({k: [] for k in ("std", *GRAD_KEYS)})
+            seen: set[str] = set()
+            for r in self.history():
+                view = self._head_view(self._stds_of(r, r["step"]))
+                grads = r.get("grad") or {}
+                for name, std in view.items():
+                    per_head = std.double().reshape(self.n_heads, -1).log().mean(1).exp()
+                    stats = grads.get(name) or {}
+                    seen.update(k for k in stats if k in GRAD_KEYS)
+                    for head in range(self.n_heads):
+                        columns["step"].append(r["step"])
+                        columns["hook"].append(name)
+                        columns["layer"].append(hook_layer(name))
+                        columns["head"].append(head)
+                        columns["std"].append(float(per_head[head]))
+                        for k in GRAD_KEYS:
+                            values = stats.get(k)
+                            ok = isinstance(values, list) and len(values) == self.n_heads
+                            columns[k].append(as_float(values[head]) if ok else NAN)
+            keep = ["step", "hook", "layer", "head", "std", *(k for k in GRAD_KEYS if k in seen)]
+            return pd.DataFrame({k: columns[k] for k in keep})
+
+        return self._cached("history_frame", build).copy()
+
+    def ranking_frame(self, step: int | None = None) -> Any:
+        """pandas DataFrame of heads, most important first: rank, layer, head, std, importance
+        (``-log std``) and, when the run knows its circuit, the ground-truth class ("" if none).
+        """
+        import pandas as pd
+
+        std = self.head_std_matrix(step)
+        importance = -std.log()
+        truth = self.ground_truth() or {}
+        label = {(int(l_), int(h)): cls for cls, heads in truth.items() for l_, h in heads}
+        rows = []
+        for i in head_ranking(importance).tolist():
+            layer, head = divmod(int(i), self.n_heads)
+            if bool(std[layer, head].isnan()):
+                continue
+            row = {
+                "rank": len(rows) + 1,
+                "layer": layer,
+                "head": head,
+                "std": float(std[layer, head]),
+                "importance": float(importance[layer, head]),
+            }
+            if truth:
+                row["ground_truth"] = label.get((layer, head), "")
+            rows.append(row)
+        columns = ["rank", "layer", "head", "std", "importance"] + (["ground_truth"] * bool(truth))
+        return pd.DataFrame(rows, columns=columns)
