@@ -4,7 +4,7 @@
   unconstrained ``rho`` to a std (Cloak, Direct, Softplus). Not to be confused with
   :mod:`tl_noise.scaling`, the width-aware *parametrizations* (SP/NTP/muP).
 * :mod:`~tl_noise.noise.covariance`: Gaussian noise with factorized covariance (diagonal,
-  low-rank, Kronecker).
+  low-rank; Kronecker in :mod:`~tl_noise.noise.kronecker`, re-exported by ``covariance``).
 * :mod:`~tl_noise.noise.layer`: :class:`NoiseLayer`, the module that noises one activation, and
   :class:`RhoEstimator`, the small network that predicts rhos from the activation.
 """
