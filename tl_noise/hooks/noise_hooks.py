@@ -35,7 +35,7 @@ from tl_noise.hooks.selection import check_model
 from tl_noise.io import atomic_write_files, json_bytes, read_json, read_tensors, tensor_bytes
 from tl_noise.names import module_key
 from tl_noise.noise.layer import NOISE_MODES, NoiseLayer
-from tl_noise.scaling.parametrizations import param_groups
+from tl_noise.scaling.groups import param_groups
 
 FINGERPRINT_FIELDS = (
     "n_layers",

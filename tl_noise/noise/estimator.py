@@ -14,12 +14,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from tl_noise.scaling.groups import ParamSpec
 from tl_noise.scaling.init import init_kaiming_normal_
-from tl_noise.scaling.parametrizations import (
-    Parametrization,
-    ParamSpec,
-    parametrization_from_name,
-)
+from tl_noise.scaling.parametrizations import Parametrization, parametrization_from_name
 
 
 class RhoEstimator(nn.Module):
@@ -70,7 +67,7 @@ class RhoEstimator(nn.Module):
                 weight.mul_(target * math.sqrt(fan_in))  # Kaiming's 1/sqrt(fan_in) -> target
 
     def param_specs(self) -> list[ParamSpec]:
-        """Fans and layer types of every parameter (for ``parametrizations.param_groups``)."""
+        """Fans and layer types of every parameter (for ``scaling.groups.param_groups``)."""
         specs = []
         for name, param in self.named_parameters():
             is_bias = param.ndim == 1
