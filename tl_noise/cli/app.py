@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+
 def dashboard_script() -> Path:
     """The packaged page, :mod:`tl_noise.dashboard.app`."""
     import tl_noise.dashboard

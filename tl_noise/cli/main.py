@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-PARAMETERIZATIONS = ("cloak", "direct", "softplus")
+PARAMETERIZATIONS = ("cloak", "direct", "softplus")  # CLI names of the rho -> std maps
 
 
 def make_parameterization(name: str, low: float, high: float, shallow: float) -> Any:
@@ -53,17 +53,54 @@ def _default_run_dir(prefix: str) -> Path:
     return Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+HOOKS_DEFAULT = ["blocks.*.attn.hook_z"]
+
+
+def _argparse_type(default: Any) -> Any:
+    return float if isinstance(default, float) else int if isinstance(default, int) else str
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> None:
+    """One ``--option`` per :class:`~tl_noise.fitting.FitConfig` setting (``batch_size`` ->
+    ``--batch-size``), with its help text and default; ``defaults`` overrides a default."""
+    from tl_noise.fitting import FitConfig
+
+    for name, default, meta in FitConfig.settings():
+        default = defaults.get(name, default)
+        kind = float if name == "budget" else _argparse_type(default)
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=kind,
+            default=default,
+            choices=meta.get("choices"),
+            help=meta["help"],
+        )
+
+
+def config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`~tl_noise.fitting.FitConfig` settings from parsed arguments."""
+    from tl_noise.fitting import FitConfig
+
+    return {name: getattr(args, name) for name, _, _ in FitConfig.settings()}
+
+
 def _common_fit_args(parser: argparse.ArgumentParser, steps: int) -> None:
     parser.add_argument(
-        "--hooks",
-        nargs="+",
-        default=["blocks.*.attn.hook_z"],
-        help="hook names or glob patterns (default: every head's hook_z)",
+        "--hooks", nargs="+", default=HOOKS_DEFAULT, help="hook names or glob patterns"
     )
     parser.add_argument(
-        "--granularity", default="auto", choices=["auto", "head", "head_feature", "feature", "hook"]
+        "--granularity",
+        default="auto",
+        choices=["auto", "head", "head_feature", "feature", "hook"],
+        help="one std per head, per head and feature, per feature, or per hook",
     )
-    parser.add_argument("--parameterization", default="cloak", choices=PARAMETERIZATIONS)
+    parser.add_argument(
+        "--parameterization",
+        default="cloak",
+        choices=PARAMETERIZATIONS,
+        help="rho -> std map of the noise",
+    )
     parser.add_argument(
         "--scale",
         nargs=2,
@@ -73,16 +110,7 @@ def _common_fit_args(parser: argparse.ArgumentParser, steps: int) -> None:
         help="std range of the parameterization",
     )
     parser.add_argument("--shallow", type=float, default=1.0, help="Cloak temperature")
-    parser.add_argument("--mode", default="alphaless", choices=["alphaless", "composite", "budget"])
-    parser.add_argument(
-        "--alpha", type=float, default=0.5, help="composite weight of the noise loss"
-    )
-    parser.add_argument("--budget", type=float, default=None, help="task-loss budget (mode budget)")
-    parser.add_argument("--objective", default="kl", choices=["kl", "ce", "metric"])
-    parser.add_argument("--steps", type=int, default=steps)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
+    add_config_arguments(parser, steps=steps)
     parser.add_argument("--n-examples", type=int, default=256, help="generated task examples")
     parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/<name>-<time>")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
@@ -108,17 +136,10 @@ def _fit_from_args(model: Any, task: Any, args: argparse.Namespace, prefix: str)
             model,
             noise,
             task,
-            objective=args.objective,
-            mode=args.mode,
-            alpha=args.alpha,
-            budget=args.budget,
-            steps=args.steps,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            seed=args.seed,
             run_dir=run_dir,
             resume=args.resume,
             quiet=args.quiet,
+            **config_kwargs(args),
         )
     if result.importance is not None and result.run_dir is not None:
         add_faithfulness(model, task, result)
@@ -209,9 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tl-noise", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    formatter = argparse.ArgumentDefaultsHelpFormatter
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="fit noise on the embedded induction model and rank heads")
+    demo = sub.add_parser(
+        "demo",
+        formatter_class=formatter,
+        help="fit noise on the embedded induction model and rank heads",
+    )
     _common_fit_args(demo, steps=300)
     demo.add_argument("--top", type=int, default=8, help="heads to list")
     demo.add_argument(
@@ -220,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8501)
     demo.set_defaults(func=cmd_demo)
 
-    fitp = sub.add_parser("fit", help="fit noise on any model and task")
+    fitp = sub.add_parser("fit", formatter_class=formatter, help="fit noise on any model and task")
     fitp.add_argument("model", help="hub name (gpt2), local checkpoint directory, or induction-2l")
     fitp.add_argument(
         "--task", default="induction", choices=["induction", "ioi", "greater_than", "text"]
@@ -230,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common_fit_args(fitp, steps=500)
     fitp.set_defaults(func=cmd_fit)
 
-    show = sub.add_parser("show", help="print the ranked heads of a run")
+    show = sub.add_parser("show", formatter_class=formatter, help="print the ranked heads of a run")
     show.add_argument("run_dir", type=Path)
     show.add_argument("--top", type=int, default=20)
     show.set_defaults(func=cmd_show)

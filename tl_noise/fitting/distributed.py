@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from tl_noise.fitting.callbacks import Callback
+
+if TYPE_CHECKING:
+    from tl_noise.fitting.trainer import FitResult, Trainer
 
 
 @dataclass(frozen=True)
@@ -74,3 +80,36 @@ def all_sum(value: float, ctx: Context, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item())
+
+
+class DataParallel(Callback):
+    """The callback that makes a fit data-parallel: each rank runs its contiguous shard of the
+    step's batch, draws the matching rows of the global noise draw, and the task loss and
+    gradients are summed across ranks weighted by each shard's share of the loss terms."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.weight = 1.0
+
+    def on_batch(self, trainer: Trainer, step: int, idx: Tensor) -> Tensor:
+        local, offset = shard(idx, self.ctx)
+        trainer.noise.set_batch_shard(offset, min(trainer.config.batch_size, len(trainer.data)))
+        return local
+
+    def reduce_task(self, trainer: Trainer, value: float, terms: float) -> float:
+        self.weight = terms / all_sum(terms, self.ctx, trainer.device)
+        return all_sum(value * self.weight, self.ctx, trainer.device)
+
+    def reduce_grads(
+        self, trainer: Trainer, g_noise: list[Tensor], g_task: list[Tensor], rows: int
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        g_task = weighted_sum(g_task, self.weight, self.ctx)
+        if trainer.has_estimator:  # input-dependent stds: the noise loss depends on the batch
+            g_noise = weighted_sum(g_noise, rows / trainer.config.batch_size, self.ctx)
+        return g_noise, g_task
+
+    def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
+        trainer.noise.clear_batch_shard()
+
+    def on_error(self, trainer: Trainer, step: int, error: BaseException) -> None:
+        trainer.noise.clear_batch_shard()

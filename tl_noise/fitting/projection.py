@@ -27,6 +27,7 @@ nor overflow. Results come back in the inputs' (promoted) dtype.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -39,6 +40,7 @@ __all__ = [
     "alphaless_gradients",
     "calculate_equivalent_alpha_and_scaling_factor",
     "equivalent_alpha_and_scaling_factor_of",
+    "equivalent_alpha_and_scaling_factor_rows",
     "order_tensors_by_norm",
     "project_out_smaller_tensor",
     "vector_projection",
@@ -295,3 +297,27 @@ def equivalent_alpha_and_scaling_factor_of(
     """
     _check_pair(noise_grads, model_grads, "noise_grads", "model_grads", indexed=True)
     return _equivalent_alpha(noise_grads, model_grads)
+
+
+def equivalent_alpha_and_scaling_factor_rows(
+    noise_norm: Float[Tensor, "*rows"],
+    task_norm: Float[Tensor, "*rows"],
+    dot: Float[Tensor, "*rows"],
+) -> tuple[Float[Tensor, "*rows"], Float[Tensor, "*rows"]]:
+    """:func:`calculate_equivalent_alpha_and_scaling_factor` for many independent pairs at once,
+    from their norms ``||n||``, ``||t||`` and inner products ``<n, t>`` (e.g. one pair per head).
+
+    The same closed form: ``c = <n, t> / ||S||^2`` (0 when ``S = 0``); noise larger (``||n|| >=
+    ||t||``): ``a = 1, b = 1 - c``; else ``a = 1 - c, b = 1``; ``scale = a + b``, ``alpha = a /
+    scale``, and ``alpha = copysign(inf, a)`` where ``scale == 0``. No power-of-two rescaling: the
+    inputs are already reduced, so pass them in float32 or wider.
+    """
+    noise_larger = noise_norm >= task_norm
+    smaller_sq = torch.where(noise_larger, task_norm, noise_norm).pow(2)
+    c = torch.where(smaller_sq > 0, dot / smaller_sq.clamp_min(1e-30), torch.zeros_like(dot))
+    a = torch.where(noise_larger, torch.ones_like(c), 1 - c)
+    b = torch.where(noise_larger, 1 - c, torch.ones_like(c))
+    scale = a + b
+    safe = torch.where(scale != 0, scale, torch.ones_like(scale))
+    alpha = torch.where(scale != 0, a / safe, torch.sign(a) * math.inf)
+    return alpha, scale
