@@ -1,0 +1,213 @@
+"""Circuits of nodes (heads ``a{l}.h{h}`` and MLPs ``m{l}``) judged with everything else ablated.
+
+A circuit ``C`` is a set of nodes; every node outside it is *mean-ablated*: a head's slice of
+``blocks.{l}.attn.hook_z`` and an MLP's ``blocks.{l}.hook_mlp_out`` are replaced by their mean over
+every example and position of the evaluation set. The metric is the mean log-probability of the
+true next token at the task's ``loss_mask`` positions, and MIB's normalised faithfulness is
+
+    f(C) = (m(C) - m(empty)) / (m(N) - m(empty))
+
+with ``N`` the full model (1: the circuit does everything the model does) and ``empty`` every node
+ablated. :class:`CircuitEvaluator` also reports ``KL(p_N || p_C)`` at the same positions and counts
+the forward passes it ran, the cost unit of the methods compared in ``benchmarks/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from tl_noise.devices import model_device
+from tl_noise.errors import TLNoiseValueError
+from tl_noise.evaluation.ablation import eval_batches
+from tl_noise.fitting.objectives import next_token_mask
+from tl_noise.names import model_nodes, parse_node
+
+FwdHooks = list[tuple[str, Callable[..., Any]]]
+
+
+def has_mlps(model: Any) -> bool:
+    """False for attention-only models (no ``hook_mlp_out``)."""
+    return not bool(getattr(model.cfg, "attn_only", False)) and (
+        "blocks.0.hook_mlp_out" in model.hook_dict
+    )
+
+
+def circuit_nodes(model: Any) -> list[str]:
+    """Every head and MLP node of ``model`` in node order (layer, then head, then the MLP)."""
+    cfg = model.cfg
+    return model_nodes(int(cfg.n_layers), int(cfg.n_heads), mlps=has_mlps(model))
+
+
+@torch.no_grad()
+def node_means(
+    model: Any, tokens: Int[Tensor, "n pos"], batch_size: int = 32
+) -> dict[str, Tensor]:
+    """Hook name -> mean activation over every example and position: ``hook_z``
+    ``[n_heads, d_head]`` per layer and ``hook_mlp_out`` ``[d_model]`` per layer (float64 sums)."""
+    names = [f"blocks.{layer}.attn.hook_z" for layer in range(int(model.cfg.n_layers))]
+    if has_mlps(model):
+        names += [f"blocks.{layer}.hook_mlp_out" for layer in range(int(model.cfg.n_layers))]
+    sums: dict[str, Tensor] = {}
+
+    def capture(name: str) -> Callable[..., None]:
+        # by our name: the bridge's HookPoint may carry another alias as hook.name
+        def add(act: Tensor, hook: Any) -> None:
+            total = act.detach().double().sum((0, 1))
+            sums[name] = sums[name] + total if name in sums else total
+
+        return add
+
+    device = model_device(model)
+    fwd_hooks = [(n, capture(n)) for n in names]
+    for index in eval_batches(tokens.shape[0], batch_size):
+        model.run_with_hooks(tokens[index].to(device), fwd_hooks=fwd_hooks)
+    count = tokens.shape[0] * tokens.shape[1]
+    return {name: (sums[name] / count).float() for name in names}
+
+
+def ablation_hooks(means: dict[str, Tensor], ablated: Iterable[str]) -> FwdHooks:
+    """Forward hooks that mean-ablate the nodes ``ablated`` (node names; see module doc)."""
+    heads: dict[int, list[int]] = {}
+    mlps: list[int] = []
+    for node in ablated:
+        parsed = parse_node(node)
+        if parsed is None:
+            raise TLNoiseValueError(f"node {node!r} is neither a head 'a{{l}}.h{{h}}' nor 'm{{l}}'")
+        layer, head = parsed
+        if head is None:
+            mlps.append(layer)
+        else:
+            heads.setdefault(layer, []).append(head)
+    hooks: FwdHooks = []
+    for layer, idx in sorted(heads.items()):
+        name = f"blocks.{layer}.attn.hook_z"
+        mask = torch.zeros(means[name].shape[0], dtype=torch.bool)
+        mask[idx] = True
+
+        def patch_heads(z: Tensor, hook: Any, mask: Tensor = mask, name: str = name) -> Tensor:
+            m = mask.to(z.device)[:, None]
+            return torch.where(m, means[name].to(z.device, z.dtype), z)
+
+        hooks.append((name, patch_heads))
+    for layer in sorted(mlps):
+        name = f"blocks.{layer}.hook_mlp_out"
+
+        def patch_mlp(x: Tensor, hook: Any, name: str = name) -> Tensor:
+            return means[name].to(x.device, x.dtype).expand_as(x).clone()
+
+        hooks.append((name, patch_mlp))
+    return hooks
+
+
+def _target_log_probs(logits: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
+    """``log p(tokens[t + 1])`` at every masked position ``t`` that has a next token."""
+    keep = next_token_mask(mask)[:, :-1]
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    return logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)[keep]
+
+
+class CircuitEvaluator:
+    """Faithfulness of node sets on one evaluation set (means, clean and empty metrics cached).
+
+    Args:
+        model: a TransformerLens model (4.x bridge or 3.x ``HookedTransformer``).
+        tokens: ``[n, pos]`` evaluation tokens; ``loss_mask``: ``[n, pos]`` bool target
+            positions (the prediction at ``t`` of token ``t + 1`` counts).
+        nodes: the nodes a circuit is chosen from (default every head and MLP).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokens: Int[Tensor, "n pos"],
+        loss_mask: Bool[Tensor, "n pos"],
+        nodes: Collection[str] | None = None,
+        batch_size: int = 64,
+    ) -> None:
+        if tokens.shape != loss_mask.shape or loss_mask.dtype != torch.bool:
+            raise TLNoiseValueError(
+                f"loss_mask must be a bool tensor shaped like the tokens {list(tokens.shape)}"
+            )
+        if not bool(next_token_mask(loss_mask)[:, :-1].any()):
+            raise TLNoiseValueError("loss_mask selects no position with a next token")
+        self.model, self.tokens, self.mask = model, tokens, loss_mask
+        self.nodes = list(nodes) if nodes is not None else circuit_nodes(model)
+        self.batch_size = batch_size
+        self.forwards = 0  # forward passes over the evaluation set (one per circuit scored)
+        self.means = node_means(model, tokens, batch_size)
+        self.clean_logp = self._log_probs([])  # per target position, the full model
+        self.clean_metric = float(self.clean_logp.mean())
+        self.empty_metric = self.metric([])
+        if not abs(self.clean_metric - self.empty_metric) > 1e-9:
+            raise TLNoiseValueError(
+                "ablating every node leaves the metric at "
+                f"{self.clean_metric:.6g}: faithfulness is undefined on this task"
+            )
+
+    @torch.no_grad()
+    def _log_probs(self, ablated: Iterable[str], kl_with: Tensor | None = None) -> Tensor:
+        hooks = ablation_hooks(self.means, ablated)
+        device = model_device(self.model)
+        parts = []
+        for index in eval_batches(self.tokens.shape[0], self.batch_size):
+            tokens, mask = self.tokens[index].to(device), self.mask[index].to(device)
+            logits = self.model.run_with_hooks(tokens, fwd_hooks=hooks)
+            parts.append(_target_log_probs(logits, tokens, mask))
+        self.forwards += 1
+        return torch.cat(parts)
+
+    def _ablated(self, keep: Collection[str]) -> list[str]:
+        unknown = [n for n in keep if n not in self.nodes]
+        if unknown:
+            raise TLNoiseValueError(f"nodes {unknown} are not among this evaluator's nodes")
+        return [n for n in self.nodes if n not in keep]
+
+    def metric(self, keep: Collection[str]) -> float:
+        """``m(C)``: mean log-prob of the true next token with every node outside ``keep``
+        mean-ablated."""
+        return float(self._log_probs(self._ablated(keep)).mean())
+
+    def faithfulness(self, keep: Collection[str]) -> float:
+        """MIB's ``f(C) = (m(C) - m(empty)) / (m(N) - m(empty))``."""
+        return (self.metric(keep) - self.empty_metric) / (self.clean_metric - self.empty_metric)
+
+    @torch.no_grad()
+    def kl(self, keep: Collection[str]) -> float:
+        """``KL(p_N || p_C)`` of the next-token distributions, averaged over target positions."""
+        hooks = ablation_hooks(self.means, self._ablated(keep))
+        device = model_device(self.model)
+        total, count = 0.0, 0
+        for index in eval_batches(self.tokens.shape[0], self.batch_size):
+            tokens, mask = self.tokens[index].to(device), self.mask[index].to(device)
+            keep_pos = next_token_mask(mask)
+            clean = F.log_softmax(self.model(tokens)[keep_pos].float(), -1)
+            circuit = F.log_softmax(
+                self.model.run_with_hooks(tokens, fwd_hooks=hooks)[keep_pos].float(), -1
+            )
+            total += float(F.kl_div(circuit, clean, log_target=True, reduction="sum"))
+            count += int(keep_pos.sum())
+        self.forwards += 2
+        return total / count
+
+    def curve(self, ranking: list[str]) -> list[float]:
+        """``f(top_k)`` for k = 0..len(ranking) (one forward pass per k)."""
+        return [self.faithfulness(ranking[:k]) for k in range(len(ranking) + 1)]
+
+
+def node_ranking(scores: dict[str, float], nodes: Iterable[str]) -> list[str]:
+    """``nodes`` sorted by score, highest first; ties (and missing or NaN scores, which count as
+    lowest) keep the given node order."""
+    order = list(nodes)
+
+    def key(item: tuple[int, str]) -> tuple[float, int]:
+        value = scores.get(item[1], float("-inf"))
+        value = float("-inf") if value != value else value  # NaN -> lowest
+        return (-value, item[0])
+
+    return [node for _, node in sorted(enumerate(order), key=key)]
