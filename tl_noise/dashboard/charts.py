@@ -32,6 +32,7 @@ def _log_ticks(z: Tensor) -> dict[str, Any]:
     if finite.numel() == 0:
         return {}
     low, high = float(finite.min()), float(finite.max())
+    vals: list[int] | list[float]
     if high - low >= 2:  # whole decades read best, at most about six of them
         every = max(1, math.ceil((math.ceil(high) - math.floor(low)) / 6))
         vals = list(range(math.floor(low), math.ceil(high) + 1, every))

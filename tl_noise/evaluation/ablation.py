@@ -19,7 +19,7 @@ registered through ``model.hooks`` / ``run_with_hooks``, so the model is unchang
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -222,7 +222,7 @@ def task_metric(task: Task) -> Callable[[Tensor, Batch], Tensor]:
 
 def batch_loss(
     model: Any, task: Task, index: Tensor, tokens: Tensor | None = None,
-    fwd_hooks: FwdHooks = (),
+    fwd_hooks: Sequence[tuple[str, Callable[..., Any]]] = (),
 ) -> Float[Tensor, ""]:  # fmt: skip
     """``task_metric(task)`` on the rows ``index: [b]``, the model run on ``tokens[index]`` (default
     the task's tokens) with ``fwd_hooks``; the metric always reads the task's own batch."""

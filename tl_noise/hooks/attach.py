@@ -31,7 +31,7 @@ from tl_noise.hooks.selection import (
 )
 from tl_noise.noise.covariance import FactorizedCovariance
 from tl_noise.noise.estimator import RhoEstimator
-from tl_noise.noise.layer import NoiseLayer, param_shape_for
+from tl_noise.noise.layer import Granularity, NoiseLayer, check_granularity, param_shape_for
 from tl_noise.noise.parameterizations import StandardDeviationParameterization
 
 
@@ -72,31 +72,14 @@ def attach_noise(
     Shapes are checked now, with a probe forward pass, not at the first training step.
     """
     check_model(model)
-    if parameterization is not None and not isinstance(
-        parameterization, StandardDeviationParameterization
-    ):
-        raise TypeError(
-            f"parameterization={parameterization!r}; expected a StandardDeviationParameterization "
-            "(e.g. tl_noise.CloakStandardDeviationParameterization()) or None"
-        )
+    _check_parameterization(parameterization)
     names = resolve_hook_names(model, hooks)
     source = "data" if calibration_tokens is not None else "random"
     if calibration_tokens is None:
         calibration_tokens = default_probe_tokens(model)
     check_tokens(model, calibration_tokens, "calibration_tokens")
-    explicit = isinstance(hooks, str) and not any(c in hooks for c in "*?[")
-    explicit = explicit or (
-        not callable(hooks)
-        and not isinstance(hooks, str)
-        and all(not any(c in h for c in "*?[") for h in hooks)
-    )
-    unsupported = [n for n in names if n.endswith(UNSUPPORTED_HOOKS)]
-    if unsupported and explicit:
-        raise ValueError(
-            f"noise on attention scores/patterns is not supported ({unsupported}); their shape "
-            "[batch, n_heads, query, key] changes with the sequence length. Noise hook_z instead."
-        )
-    names = [n for n in names if n not in unsupported]
+    explicit = _names_hooks_explicitly(hooks)
+    names = _drop_unsupported(names, explicit)
     stats = collect_activation_stats(model, names, calibration_tokens, require_all=explicit)
     check_finite_stats(stats, names)
     silent = [n for n in names if n not in stats]
@@ -105,40 +88,107 @@ def attach_noise(
     names = [n for n in names if n in stats]
     if not names:
         raise ValueError(f"none of the hook points selected by {hooks!r} fires in a forward pass")
-    layers = {}
-    for name in names:
-        shape = stats[name]["shape"]
-        if len(shape) < 3:
-            raise ValueError(
-                f"hook point {name!r} has activation shape {list(shape)}; tl-noise "
-                "needs [batch, pos, ...] activations"
-            )
-        unit = tuple(shape[2:])
-        gran = granularity
-        if gran == "auto":
-            gran = "head" if len(unit) == 2 and name.split(".")[-1] != "hook_pattern" else "feature"
-        est = None
-        if estimator:
-            kwargs = estimator if isinstance(estimator, dict) else {}
-            n_out = max(1, int(torch.Size(param_shape_for(unit, gran, name)).numel()))
-            est = RhoEstimator(int(torch.Size(unit).numel()), n_out, **kwargs)
-        layer = NoiseLayer(
-            unit,
-            granularity=gran,
-            parameterization=copy.deepcopy(parameterization),
+    n_positions = calibration_tokens.shape[1] if per_position else None
+    layers = {
+        name: _build_layer(
+            name,
+            stats[name],
+            granularity=granularity,
+            parameterization=parameterization,
             init_std=init_std,
-            covariance=covariance() if covariance is not None else None,
+            covariance=covariance,
             learn_mean=learn_mean,
-            n_positions=calibration_tokens.shape[1] if per_position else None,
-            estimator=est,
+            n_positions=n_positions,
+            estimator=estimator,
             relative=relative,
-            name=name,
         )
-        layer.set_natural_scale(stats[name]["std"])
-        layers[name] = layer.to(stats[name]["device"])
+        for name in names
+    }
     noise = NoiseHooks(model, layers, seed=seed)
     noise.calibration_source = source
     return noise.attach()
+
+
+def _check_parameterization(parameterization: object) -> None:
+    if parameterization is not None and not isinstance(
+        parameterization, StandardDeviationParameterization
+    ):
+        raise TypeError(
+            f"parameterization={parameterization!r}; expected a StandardDeviationParameterization "
+            "(e.g. tl_noise.CloakStandardDeviationParameterization()) or None"
+        )
+
+
+def _is_pattern(spec: str) -> bool:
+    return any(c in spec for c in "*?[")
+
+
+def _names_hooks_explicitly(hooks: HookSpec) -> bool:
+    """Whether ``hooks`` is exact names only (no glob pattern, no predicate)."""
+    if isinstance(hooks, str):
+        return not _is_pattern(hooks)
+    return not callable(hooks) and all(not _is_pattern(h) for h in hooks)
+
+
+def _drop_unsupported(names: list[str], explicit: bool) -> list[str]:
+    """``names`` without attention scores/patterns; asking for one by name is a ValueError."""
+    unsupported = [n for n in names if n.endswith(UNSUPPORTED_HOOKS)]
+    if unsupported and explicit:
+        raise ValueError(
+            f"noise on attention scores/patterns is not supported ({unsupported}); their shape "
+            "[batch, n_heads, query, key] changes with the sequence length. Noise hook_z instead."
+        )
+    return [n for n in names if n not in unsupported]
+
+
+def _resolve_granularity(granularity: str, unit: tuple[int, ...], name: str) -> Granularity:
+    """``"auto"``: ``"head"`` for a ``(n_heads, d)`` unit, else ``"feature"``."""
+    if granularity != "auto":
+        return check_granularity(granularity, name)
+    return "head" if len(unit) == 2 and name.split(".")[-1] != "hook_pattern" else "feature"
+
+
+def _build_layer(
+    name: str,
+    stat: dict[str, Any],
+    *,
+    granularity: str,
+    parameterization: StandardDeviationParameterization | None,
+    init_std: float,
+    covariance: Callable[[], FactorizedCovariance] | None,
+    learn_mean: bool,
+    n_positions: int | None,
+    estimator: bool | dict[str, Any],
+    relative: bool,
+) -> NoiseLayer:
+    """The noise layer of hook ``name``, calibrated with its activation statistics ``stat``."""
+    shape = stat["shape"]
+    if len(shape) < 3:
+        raise ValueError(
+            f"hook point {name!r} has activation shape {list(shape)}; tl-noise "
+            "needs [batch, pos, ...] activations"
+        )
+    unit = tuple(shape[2:])
+    gran = _resolve_granularity(granularity, unit, name)
+    est = None
+    if estimator:
+        kwargs = estimator if isinstance(estimator, dict) else {}
+        n_out = max(1, int(torch.Size(param_shape_for(unit, gran, name)).numel()))
+        est = RhoEstimator(int(torch.Size(unit).numel()), n_out, **kwargs)
+    layer = NoiseLayer(
+        unit,
+        granularity=gran,
+        parameterization=copy.deepcopy(parameterization),
+        init_std=init_std,
+        covariance=covariance() if covariance is not None else None,
+        learn_mean=learn_mean,
+        n_positions=n_positions,
+        estimator=est,
+        relative=relative,
+        name=name,
+    )
+    layer.set_natural_scale(stat["std"])
+    return layer.to(stat["device"])
 
 
 def describe(noise: NoiseHooks) -> str:
@@ -148,5 +198,3 @@ def describe(noise: NoiseHooks) -> str:
         layer = noise.layer(name)
         lines.append(f"{name}: {layer.granularity} {list(std.shape)} mean std {std.mean():.4g}")
     return "\n".join(lines)
-
-

@@ -18,7 +18,7 @@ import hashlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from jaxtyping import Int
@@ -34,7 +34,7 @@ from tl_noise.hooks.calibration import (
 from tl_noise.hooks.selection import check_model
 from tl_noise.io import atomic_write_files, json_bytes, read_json, read_tensors, tensor_bytes
 from tl_noise.names import module_key
-from tl_noise.noise.layer import NOISE_MODES, NoiseLayer
+from tl_noise.noise.layer import NoiseLayer, check_noise_mode
 from tl_noise.scaling.groups import param_groups
 
 FINGERPRINT_FIELDS = (
@@ -71,6 +71,8 @@ class NoiseHooks(nn.Module):
     touches the model. Use as a context manager to remove the hooks on exit, also on error.
     """
 
+    _model: Any  # the model, set with object.__setattr__ so that it is not a submodule
+
     def __init__(self, model: Any, layers: dict[str, NoiseLayer], seed: int | None = 0) -> None:
         super().__init__()
         check_model(model)
@@ -93,7 +95,7 @@ class NoiseHooks(nn.Module):
         return bool(self._handles)
 
     def layer(self, name: str) -> NoiseLayer:
-        return self.layers[module_key(name)]
+        return cast(NoiseLayer, self.layers[module_key(name)])  # __init__ puts only NoiseLayers
 
     def items(self) -> Iterator[tuple[str, NoiseLayer]]:
         for name in self.hook_names:
@@ -162,7 +164,13 @@ class NoiseHooks(nn.Module):
 
     def set_generator_states(self, states: dict[str, Tensor]) -> None:
         for key, state in states.items():
-            self.generator(torch.device(key)).set_state(state)
+            generator = self.generator(torch.device(key))
+            if generator is None:
+                raise ValueError(
+                    "cannot restore noise generator states: these hooks have seed=None and draw "
+                    "from torch's global RNG; call manual_seed(seed) first"
+                )
+            generator.set_state(state)
 
     @property
     def mode(self) -> str:
@@ -171,10 +179,9 @@ class NoiseHooks(nn.Module):
 
     def set_mode(self, mode: str) -> NoiseHooks:
         """``"sample"`` (noise on), ``"mean"`` (only the learned mean shift) or ``"off"``."""
-        if mode not in NOISE_MODES:
-            raise ValueError(f"mode={mode!r}; accepted: {', '.join(NOISE_MODES)}")
+        checked = check_noise_mode(mode)
         for _, layer in self.items():
-            layer.mode = mode
+            layer.mode = checked
         return self
 
     @contextmanager

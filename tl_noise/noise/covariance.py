@@ -66,9 +66,11 @@ def _check_shape(shape: Any) -> tuple[int, ...]:
 
 
 def _check_scale(scale: Any) -> float:
-    if not isinstance(scale, Real) or isinstance(scale, bool) or not 0 <= scale < math.inf:
-        raise ValueError(f"mean_parameter_scales must be a finite float >= 0, got {scale!r}")
-    return float(scale)
+    if isinstance(scale, Real) and not isinstance(scale, bool):
+        value = float(scale)
+        if 0 <= value < math.inf:
+            return value
+    raise ValueError(f"mean_parameter_scales must be a finite float >= 0, got {scale!r}")
 
 
 @_register
@@ -200,7 +202,8 @@ class LowRankCovariance(FactorizedCovariance):
         super().__init__(rank=_check_rank("rank", rank, allow_none=False))
 
     def _resolve_rank(self, num_units: int) -> int:
-        return _check_fits("rank", self._requested_rank, num_units, "the number of units P")
+        rank = super()._resolve_rank(num_units)  # the requested rank: __init__ requires one
+        return _check_fits("rank", rank, num_units, "the number of units P")
 
 
 @_register

@@ -15,8 +15,12 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from tl_noise.scaling.groups import ParamSpec
-from tl_noise.scaling.init import init_kaiming_normal_
-from tl_noise.scaling.parametrizations import Parametrization, parametrization_from_name
+from tl_noise.scaling.init import NonlinearityType, init_kaiming_normal_
+from tl_noise.scaling.parametrizations import (
+    LayerType,
+    Parametrization,
+    parametrization_from_name,
+)
 
 
 class RhoEstimator(nn.Module):
@@ -52,11 +56,12 @@ class RhoEstimator(nn.Module):
         self.b_out = nn.Parameter(torch.full((n_out,), float(init_rho)))
         self.reset_parameters()
 
-    def layer_types(self) -> dict[str, str]:
+    def layer_types(self) -> dict[str, LayerType]:
         return {"W_in": "input", "b_in": "input", "W_out": "output", "b_out": "output"}
 
     def reset_parameters(self) -> None:
-        for name, nonlinearity in (("W_in", "relu"), ("W_out", "linear")):
+        weights: tuple[tuple[str, NonlinearityType], ...] = (("W_in", "relu"), ("W_out", "linear"))
+        for name, nonlinearity in weights:
             weight = getattr(self, name)
             fan_in, fan_out = weight.shape
             init_kaiming_normal_(weight, nonlinearity=nonlinearity)

@@ -20,7 +20,7 @@ directly or estimated as the output of a neural network".
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from jaxtyping import Float
@@ -35,9 +35,26 @@ from tl_noise.noise.parameterizations import (
 )
 
 Granularity = Literal["hook", "head", "feature", "head_feature"]
-GRANULARITIES: tuple[str, ...] = ("hook", "head", "feature", "head_feature")
+GRANULARITIES: tuple[Granularity, ...] = get_args(Granularity)
 NoiseMode = Literal["sample", "mean", "off"]
-NOISE_MODES: tuple[str, ...] = ("sample", "mean", "off")
+NOISE_MODES: tuple[NoiseMode, ...] = get_args(NoiseMode)
+
+
+def check_granularity(granularity: str, name: str = "") -> Granularity:
+    """``granularity`` as a :data:`Granularity`; ValueError listing the accepted ones if not."""
+    for accepted in GRANULARITIES:
+        if granularity == accepted:
+            return accepted
+    where = f" at {name!r}" if name else ""
+    raise ValueError(f"granularity={granularity!r}{where}; accepted: {', '.join(GRANULARITIES)}")
+
+
+def check_noise_mode(mode: str) -> NoiseMode:
+    """``mode`` as a :data:`NoiseMode`; ValueError listing the accepted ones if not."""
+    for accepted in NOISE_MODES:
+        if mode == accepted:
+            return accepted
+    raise ValueError(f"mode={mode!r}; accepted: {', '.join(NOISE_MODES)}")
 
 
 def param_shape_for(
@@ -49,10 +66,7 @@ def param_shape_for(
     ``"feature"`` -> ``unit_shape``; ``"head_feature"`` -> ``unit_shape`` (needs a 2-D unit).
     """
     where = f" at {name!r}" if name else ""
-    if granularity not in GRANULARITIES:
-        raise ValueError(
-            f"granularity={granularity!r}{where}; accepted: {', '.join(GRANULARITIES)}"
-        )
+    granularity = check_granularity(granularity, name)
     if granularity == "hook":
         return ()
     if granularity in ("head", "head_feature") and len(unit_shape) != 2:
@@ -84,6 +98,9 @@ class NoiseLayer(nn.Module):
             from the activation instead of learning them directly.
         relative: scale the noise by each unit's natural activation std (see :meth:`calibrate_`).
     """
+
+    natural_scale: Tensor  # buffers, registered in __init__
+    calibrated: Tensor
 
     def __init__(
         self,
@@ -205,10 +222,11 @@ class NoiseLayer(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def _rhos(self, x: Tensor) -> Tensor:
-        if self.estimator is None:
-            return self.rhos
-        flat = x.detach().reshape(*x.shape[:2], -1).float()
-        return self.estimator(flat).reshape(*x.shape[:2], *self.param_shape)
+        if self.estimator is not None:
+            flat = x.detach().reshape(*x.shape[:2], -1).float()
+            return self.estimator(flat).reshape(*x.shape[:2], *self.param_shape)
+        assert self.rhos is not None  # free rhos exist exactly when there is no estimator
+        return self.rhos
 
     def forward(
         self, x: Float[Tensor, "batch pos *unit"], generator: torch.Generator | None = None
@@ -331,5 +349,7 @@ __all__ = [
     "NoiseLayer",
     "NoiseMode",
     "RhoEstimator",
+    "check_granularity",
+    "check_noise_mode",
     "param_shape_for",
 ]

@@ -25,8 +25,8 @@ import inspect
 import math
 import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from typing import Any, TypeVar
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +66,7 @@ def _validate_scale(scale: object) -> tuple[float, float]:
     if isinstance(scale, str | bytes):
         raise TypeError(f"scale must be a pair of numbers, got the string {scale!r}{hint}")
     try:
-        values = tuple(scale)  # type: ignore[call-overload]
+        values = tuple(cast(Iterable[object], scale))  # not iterable: TypeError, caught
     except TypeError:
         raise TypeError(f"scale must be a pair of numbers, got {scale!r}{hint}") from None
     if len(values) != 2:

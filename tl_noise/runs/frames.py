@@ -3,16 +3,30 @@ dashboard; mixed into :class:`tl_noise.runs.Run`."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from tl_noise.names import hook_layer
 from tl_noise.ranking import head_ranking
 from tl_noise.runs.format import GRAD_KEYS, NAN, as_float
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
 
 class RunFrames:
     """The frame methods of :class:`~tl_noise.runs.Run` (which supplies ``history()``,
     ``_cached``, ``_head_view``, ``_stds_of``, ``head_std_matrix`` and ``ground_truth``)."""
+
+    n_heads: int
+
+    if TYPE_CHECKING:  # supplied by Run; declared here for the type checker only
+        def history(self) -> list[dict[str, Any]]: ...
+        def _cached(self, key: Any, compute: Callable[[], Any]) -> Any: ...
+        def _head_view(self, stds: dict[str, Tensor]) -> dict[str, Tensor]: ...
+        def _stds_of(self, record: dict[str, Any], step: int) -> dict[str, Tensor]: ...
+        def head_std_matrix(self, step: int | None = None) -> Tensor: ...
+        def ground_truth(self) -> dict[str, list[list[int]]] | None: ...
 
     def loss_frame(self) -> Any:
         """pandas DataFrame, one row per logged step: step, task, noise, total, mean_std,
@@ -60,8 +74,10 @@ class RunFrames:
                         columns["std"].append(float(per_head[head]))
                         for k in GRAD_KEYS:
                             values = stats.get(k)
-                            ok = isinstance(values, list) and len(values) == self.n_heads
-                            columns[k].append(as_float(values[head]) if ok else NAN)
+                            if isinstance(values, list) and len(values) == self.n_heads:
+                                columns[k].append(as_float(values[head]))
+                            else:
+                                columns[k].append(NAN)
             keep = ["step", "hook", "layer", "head", "std", *(k for k in GRAD_KEYS if k in seen)]
             return pd.DataFrame({k: columns[k] for k in keep})
 
@@ -77,12 +93,12 @@ class RunFrames:
         importance = -std.log()
         truth = self.ground_truth() or {}
         label = {(int(l_), int(h)): cls for cls, heads in truth.items() for l_, h in heads}
-        rows = []
+        rows: list[dict[str, Any]] = []
         for i in head_ranking(importance).tolist():
             layer, head = divmod(int(i), self.n_heads)
             if bool(std[layer, head].isnan()):
                 continue
-            row = {
+            row: dict[str, Any] = {
                 "rank": len(rows) + 1,
                 "layer": layer,
                 "head": head,

@@ -172,10 +172,10 @@ def param_specs_from_module(
         if not param.requires_grad:
             continue
         matches = [k for k in layer_types if name == k or name.startswith(k + ".")]
-        key = max(matches, key=len, default=None)
-        if key is not None:
-            used.add(key)
-        layer_type = layer_types[key] if key is not None else "hidden"
+        longest = max(matches, key=len, default=None)
+        if longest is not None:
+            used.add(longest)
+        layer_type = layer_types[longest] if longest is not None else "hidden"
         if param.ndim == 1 or (param.ndim >= 1 and _is_bias_name(name.rsplit(".", 1)[-1])):
             specs.append(ParamSpec(name, param, 1, param.numel(), layer_type, "bias"))
         elif param.ndim == 2:

@@ -32,7 +32,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 __all__ = [
     "LAYER_TYPES",
@@ -85,9 +85,10 @@ def optimizer_family(optimizer: str) -> OptimizerFamily:
 
 
 def _check_layer_type(layer_type: str) -> LayerType:
-    if layer_type not in LAYER_TYPES:
-        raise ValueError(f"layer_type must be one of {LAYER_TYPES}, got {layer_type!r}")
-    return layer_type  # type: ignore[return-value]
+    for accepted in LAYER_TYPES:
+        if layer_type == accepted:
+            return accepted
+    raise ValueError(f"layer_type must be one of {LAYER_TYPES}, got {layer_type!r}")
 
 
 def _check_fan(label: str, fan: int) -> int:
@@ -157,12 +158,13 @@ class ScalingRules:
 
     def __post_init__(self) -> None:
         lr_keys = {(f, lt) for f in get_args(OptimizerFamily) for lt in LAYER_TYPES}
-        for field, expected in [
+        expected_keys: list[tuple[str, set[Any]]] = [
             ("weight_init", set(LAYER_TYPES)),
             ("bias_init", set(LAYER_TYPES)),
             ("weight_lr", lr_keys),
             ("bias_lr", lr_keys),
-        ]:
+        ]
+        for field, expected in expected_keys:
             table = getattr(self, field)
             if set(table) != expected:
                 raise ValueError(

@@ -81,8 +81,10 @@ def ioi_task(
 
     probe = _render(TEMPLATES[0], names[0], names[1], places[0], objects[0], punctuate=True)
     punctuate = tokenizer.decode(encode(tokenizer, probe)) == probe
-    lengths = [len(encode(tokenizer, _render(t, *names[:2], places[0], objects[0], punctuate)))
-               for t in TEMPLATES]  # fmt: skip
+    lengths = [
+        len(encode(tokenizer, _render(t, names[0], names[1], places[0], objects[0], punctuate)))
+        for t in TEMPLATES
+    ]
     length = max(lengths, key=lambda x: (lengths.count(x), -lengths.index(x)))
     group = [t for t, size in zip(TEMPLATES, lengths, strict=True) if size == length]
 
