@@ -20,7 +20,6 @@ from tl_noise.evaluation import faithfulness_curve
 from tl_noise.fitting import fit
 from tl_noise.io import write_json
 from tl_noise.runs import GRAD_KEYS, Run, list_runs, load_run, read_history
-from tl_noise.tasks import induction_task
 
 streamlit_testing = pytest.importorskip("streamlit.testing.v1")
 AppTest = streamlit_testing.AppTest
@@ -30,38 +29,11 @@ STEPS = 24
 LIVE_RECORDS = 10
 
 
-def _fit_induction(root: Path, name: str, mode: str, seed: int) -> tuple[Path, object, object]:
-    model = tn.load_embedded_model()
-    task = induction_task(
-        int(model.cfg.d_vocab), n=32, seq_len=int(model.cfg.n_ctx), seed=seed, bos=0
-    )  # the embedded model was trained with BOS = 0
-    noise = tn.attach_noise(
-        model, ["blocks.*.attn.hook_z", "blocks.*.hook_resid_pre"], calibration_tokens=task.tokens
-    )
-    kwargs = {"budget": 0.5} if mode == "budget" else {}
-    fit(
-        model,
-        noise,
-        task,
-        mode=mode,
-        steps=STEPS,
-        lr=0.1,
-        batch_size=16,
-        seed=seed,
-        run_dir=root / name,
-        quiet=True,
-        checkpoint_every=8,
-        **kwargs,
-    )
-    noise.remove()
-    return root / name, model, task
-
-
 @pytest.fixture(scope="session")
-def runs_root(tmp_path_factory) -> Path:
-    torch.set_num_threads(1)
+def runs_root(tmp_path_factory, embedded_fit, make_model) -> Path:
     root = tmp_path_factory.mktemp("runs")
-    path, model, task = _fit_induction(root, "induction", "alphaless", seed=0)
+    path = root / "induction"
+    model, task = embedded_fit(path, steps=STEPS, checkpoint_every=8, seed=0)
     # a faithfulness curve in the summary, as computed by tl_noise.evaluation
     run = load_run(path)
     importance = -run.head_std_matrix().log()
@@ -69,25 +41,15 @@ def runs_root(tmp_path_factory) -> Path:
     summary = json.loads((path / "summary.json").read_text())
     summary["faithfulness"] = {"k": curve["ks"], "faithfulness": curve["faithfulness"]}
     write_json(path / "summary.json", summary)
-    _fit_induction(root, "sweep/budget", "budget", seed=1)
-
-    small = tn.build_native_model(
-        dict(
-            n_layers=1,
-            d_model=16,
-            n_heads=2,
-            d_head=8,
-            d_vocab=30,
-            n_ctx=12,
-            d_mlp=32,
-            act_fn="gelu",
-            seed=0,
-        )
+    embedded_fit(
+        root / "sweep/budget", steps=STEPS, checkpoint_every=8, mode="budget", seed=1, budget=0.5
     )
+
+    small = make_model(n_layers=1, d_model=16, n_heads=2, d_vocab=30, n_ctx=12, d_mlp=32)
     tokens = torch.randint(0, 30, (16, 10), generator=torch.Generator().manual_seed(0))
     noise = tn.attach_noise(
-        small, ["blocks.*.attn.hook_z", "blocks.*.hook_mlp_out"], calibration_tokens=tokens
-    )
+        small, ["blocks.*.attn.hook_z", "blocks.*.mlp.hook_pre"], calibration_tokens=tokens
+    )  # hook_pre: per feature under "auto" (an MLP's output gets one std per node)
     fit(small, noise, tokens, steps=6, batch_size=8, run_dir=root / "small", quiet=True)
 
     # a run still being written: no final noise yet, a half-written last history line
@@ -356,7 +318,7 @@ def test_switching_runs_shows_their_hooks(runs_root, monkeypatch):
     at.selectbox(key="run").set_value("small").run()
     assert_clean(at)
     figures = charts(at)
-    assert "hook_mlp_out: std per feature at step 5" in figures
+    assert "mlp.hook_pre: std per feature at step 5" in figures
     assert "hook_resid_pre: std per feature at step 5" not in figures
     assert at.query_params["run"] in ("small", ["small"])
     assert len(at.dataframe[0].value) == 2  # 1 layer x 2 heads

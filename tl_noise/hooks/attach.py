@@ -29,10 +29,14 @@ from tl_noise.hooks.selection import (
     check_tokens,
     resolve_hook_names,
 )
+from tl_noise.names import MLP_HOOKS, hook_layer
 from tl_noise.noise.covariance import FactorizedCovariance
 from tl_noise.noise.estimator import RhoEstimator
 from tl_noise.noise.layer import Granularity, NoiseLayer, check_granularity, param_shape_for
 from tl_noise.noise.parameterizations import StandardDeviationParameterization
+
+DEFAULT_FORM = "additive"
+"""The noise form :func:`attach_noise` uses unless told otherwise."""
 
 
 def attach_noise(
@@ -48,6 +52,7 @@ def attach_noise(
     relative: bool = True,
     calibration_tokens: Int[Tensor, "n pos"] | None = None,
     seed: int | None = 0,
+    form: str = DEFAULT_FORM,
 ) -> NoiseHooks:
     """Insert learnable noise at the selected hook points of ``model`` and return the hooks.
 
@@ -55,8 +60,10 @@ def attach_noise(
         model: a TransformerLens ``TransformerBridge`` (4.x) or ``HookedTransformer`` (3.x).
         hooks: exact hook names, glob patterns (``"blocks.*.attn.hook_z"``) or a predicate.
         granularity: ``"head"``, ``"head_feature"``, ``"feature"``, ``"hook"``, or ``"auto"``
-            (``"head"`` for ``[batch, pos, n_heads, d]`` activations, else ``"feature"``).
-        parameterization: rho -> std map, shared by all layers (default Cloak ``(1e-4, 2)``).
+            (``"head"`` for ``[batch, pos, n_heads, d]`` activations, ``"hook"`` -- one std per
+            MLP node -- for ``hook_mlp_out``/``mlp.hook_post``, else ``"feature"``).
+        parameterization: rho -> std map, shared by all layers (default Cloak ``(1e-4, 2)``
+            for the additive form, ``(1e-4, 1)`` for the replacement form).
         init_std: initial std (relative to the natural scale unless ``relative=False``).
         covariance: a factory (e.g. ``lambda: KroneckerCovariance(2, 4)``) giving each layer
             its own structured covariance; ``None`` for independent noise.
@@ -68,6 +75,9 @@ def attach_noise(
             (uniformly random tokens if none are given; :func:`tl_noise.fit` recalibrates on
             its data in that case).
         seed: seed of the noise generator (``None``: torch's global RNG).
+        form: ``"additive"`` (``x + sigma s eps``) or ``"replacement"`` (``(1 - sigma) x +
+            sigma (mu + s eps)``: information-destroying, sigma = 1 resamples the node); see
+            :mod:`tl_noise.noise.forms`.
 
     Shapes are checked now, with a probe forward pass, not at the first training step.
     """
@@ -101,6 +111,7 @@ def attach_noise(
             n_positions=n_positions,
             estimator=estimator,
             relative=relative,
+            form=form,
         )
         for name in names
     }
@@ -142,10 +153,13 @@ def _drop_unsupported(names: list[str], explicit: bool) -> list[str]:
 
 
 def _resolve_granularity(granularity: str, unit: tuple[int, ...], name: str) -> Granularity:
-    """``"auto"``: ``"head"`` for a ``(n_heads, d)`` unit, else ``"feature"``."""
+    """``"auto"``: ``"head"`` for a ``(n_heads, d)`` unit, ``"hook"`` (one std per node) for an
+    MLP's output, else ``"feature"``."""
     if granularity != "auto":
         return check_granularity(granularity, name)
-    return "head" if len(unit) == 2 and name.split(".")[-1] != "hook_pattern" else "feature"
+    if len(unit) == 2 and name.split(".")[-1] != "hook_pattern":
+        return "head"
+    return "hook" if hook_layer(name) is not None and name.endswith(MLP_HOOKS) else "feature"
 
 
 def _build_layer(
@@ -160,6 +174,7 @@ def _build_layer(
     n_positions: int | None,
     estimator: bool | dict[str, Any],
     relative: bool,
+    form: str,
 ) -> NoiseLayer:
     """The noise layer of hook ``name``, calibrated with its activation statistics ``stat``."""
     shape = stat["shape"]
@@ -186,8 +201,9 @@ def _build_layer(
         estimator=est,
         relative=relative,
         name=name,
+        form=form,
     )
-    layer.set_natural_scale(stat["std"])
+    layer.set_natural_scale(stat["std"], stat["mean"])
     return layer.to(stat["device"])
 
 

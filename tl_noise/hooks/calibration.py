@@ -59,29 +59,9 @@ def collect_activation_stats(
     A hook that does not fire is an error when ``require_all``, else it is left out.
     """
     stats: dict[str, dict[str, Any]] = {}
-
-    def make(name: str) -> Callable:
-        def fn(act: Tensor, hook: Any) -> None:
-            x = act.detach().reshape(-1, *act.shape[2:]).double()
-            s = stats.setdefault(
-                name,
-                {
-                    "shape": tuple(act.shape),
-                    "device": act.device,
-                    "dtype": act.dtype,
-                    "n": 0,
-                    "sum": 0.0,
-                    "sumsq": 0.0,
-                },
-            )
-            s["n"] += x.shape[0]
-            s["sum"] = s["sum"] + x.sum(0)
-            s["sumsq"] = s["sumsq"] + (x * x).sum(0)
-
-        return fn
-
     handles = [
-        (model.hook_dict[n], add_permanent_hook(model.hook_dict[n], make(n))) for n in names
+        (model.hook_dict[n], add_permanent_hook(model.hook_dict[n], _accumulate(stats, n)))
+        for n in names
     ]
     try:
         device = model_device(model)
@@ -91,14 +71,37 @@ def collect_activation_stats(
         for point, handle in handles:
             remove_hook(point, handle)
     for name in names:
-        if name not in stats and require_all:
+        if name in stats:
+            s = stats[name]
+            mean = s["sum"] / s["n"]
+            s["std"] = (s["sumsq"] / s["n"] - mean * mean).clamp(min=0).sqrt().float().cpu()
+            s["mean"] = mean.float().cpu()
+        elif require_all:
             hint = ""
             if name.endswith("hook_result"):
                 hint = " (hook_result fires only after model.set_use_attn_result(True))"
             raise ValueError(f"hook point {name!r} did not fire in a forward pass{hint}")
-        if name not in stats:
-            continue
-        s = stats[name]
-        mean = s["sum"] / s["n"]
-        s["std"] = (s["sumsq"] / s["n"] - mean * mean).clamp(min=0).sqrt().float().cpu()
     return stats
+
+
+def _accumulate(stats: dict[str, dict[str, Any]], name: str) -> Callable[[Tensor, Any], None]:
+    """A hook adding the count, sum and sum of squares of each unit at ``name`` to ``stats``."""
+
+    def fn(act: Tensor, hook: Any) -> None:
+        x = act.detach().reshape(-1, *act.shape[2:]).double()
+        s = stats.setdefault(
+            name,
+            {
+                "shape": tuple(act.shape),
+                "device": act.device,
+                "dtype": act.dtype,
+                "n": 0,
+                "sum": 0.0,
+                "sumsq": 0.0,
+            },
+        )
+        s["n"] += x.shape[0]
+        s["sum"] = s["sum"] + x.sum(0)
+        s["sumsq"] = s["sumsq"] + (x * x).sum(0)
+
+    return fn

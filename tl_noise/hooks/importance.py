@@ -1,30 +1,87 @@
-"""Reading fitted noise as importance: ``-log(std)`` per attention head."""
+"""Reading fitted noise as importance: one score per node, higher = more important.
+
+A node (head ``a{l}.h{h}``, MLP ``m{l}``, or any other noised hook under its own name) that
+tolerates only tiny noise is one the behaviour depends on. Its score is ``-log(std)``, pooled
+geometrically over the node's features and positions and over every noised hook of the node
+(``hook_z``, ``hook_q``... of one head; ``hook_mlp_out`` and ``mlp.hook_post`` of one MLP).
+
+When :func:`tl_noise.fit` derived a ranking of its own (a path or a refinement, recorded in
+``noise.node_scores``), :func:`node_importance` returns that instead: it is what the default fit
+answers.
+"""
 
 from __future__ import annotations
 
+import math
+
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from tl_noise.errors import TLNoiseValueError
 from tl_noise.hooks.noise_hooks import NoiseHooks
+from tl_noise.names import head_node, hook_nodes, node_sort_key
 from tl_noise.ranking import head_stds
+
+
+def _log_std_per_node(name: str, std: Tensor, n_heads: int, per_position: bool) -> dict[str, float]:
+    """Mean ``log std`` of each node hook ``name``'s std belongs to."""
+    nodes = hook_nodes(name, n_heads)
+    logs = std.double().clamp_min(1e-30).log()
+    if len(nodes) > 1:  # a per-head hook: [pos?, n_heads, ...]
+        if per_position:
+            logs = logs.mean(0)
+        if logs.ndim == 0:  # one std for the whole hook: every head gets it
+            return dict.fromkeys(nodes, float(logs))
+        per_head = logs.reshape(n_heads, -1).mean(-1)
+        return {node: float(per_head[i]) for i, node in enumerate(nodes)}
+    return {nodes[0]: float(logs.mean())}
+
+
+def std_node_scores(noise: NoiseHooks) -> dict[str, float]:
+    """``-log std`` per node from the current stds, in node order (see module doc)."""
+    n_heads = int(noise.model.cfg.n_heads)
+    sums: dict[str, list[float]] = {}
+    for name, std in noise.stds().items():
+        per_position = noise.layer(name).n_positions is not None
+        for node, value in _log_std_per_node(name, std, n_heads, per_position).items():
+            sums.setdefault(node, []).append(value)
+    scores = {node: -sum(v) / len(v) for node, v in sums.items()}
+    return {node: scores[node] for node in sorted(scores, key=node_sort_key)}
+
+
+def node_importance(noise: NoiseHooks) -> dict[str, float]:
+    """Importance of every noised node, ``{"a0.h1": ..., "m0": ..., "hook_embed": ...}``, in node
+    order (layer, then head, then the MLP); higher = more important.
+
+    The ranking :func:`tl_noise.fit` recorded with the noise when there is one, else ``-log std``
+    pooled per node (:func:`std_node_scores`).
+    """
+    if not isinstance(noise, NoiseHooks):
+        raise TypeError(f"node_importance needs NoiseHooks, got {type(noise).__name__}")
+    if noise.node_scores is not None:
+        return dict(noise.node_scores)
+    return std_node_scores(noise)
 
 
 def head_importance(
     noise: NoiseHooks | dict[str, Tensor], n_layers: int | None = None, n_heads: int | None = None
 ) -> Float[Tensor, "n_layers n_heads"]:
-    """Importance of each attention head: ``-log(std)`` (higher = more important).
+    """Importance of each attention head ``[n_layers, n_heads]`` (higher = more important): the
+    heads' part of :func:`node_importance`, NaN for heads without noise.
 
-    A head that tolerates only tiny noise (std near the parameterization's minimum) is one the
-    behaviour depends on. Accepts attached :class:`NoiseHooks` or a ``stds()`` dict (then give
-    ``n_layers`` and ``n_heads``). Heads without per-head noise are NaN.
+    Also accepts a ``stds()`` dict (then give ``n_layers`` and ``n_heads``): ``-log`` of the
+    per-head geometric-mean std.
     """
-    if isinstance(noise, NoiseHooks):
-        stds = noise.stds()
-        n_layers = n_layers or int(noise.model.cfg.n_layers)
-        n_heads = n_heads or int(noise.model.cfg.n_heads)
-    else:
-        stds = noise
+    if not isinstance(noise, NoiseHooks):
         if n_layers is None or n_heads is None:
             raise TLNoiseValueError("head_importance(stds_dict) needs n_layers and n_heads")
-    return -head_stds(stds, n_layers, n_heads).log()
+        return -head_stds(noise, n_layers, n_heads).log()
+    n_layers = n_layers or int(noise.model.cfg.n_layers)
+    n_heads = n_heads or int(noise.model.cfg.n_heads)
+    scores = node_importance(noise)
+    out = torch.full((n_layers, n_heads), math.nan)
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            out[layer, head] = scores.get(head_node(layer, head), math.nan)
+    return out

@@ -54,6 +54,7 @@ FINGERPRINT_FIELDS = (
 CONFIG_FILE = "noise_config.json"
 STATE_FILE = "noise_state.safetensors"
 
+
 def model_fingerprint(model: Any) -> dict[str, Any]:
     """The config fields that decide whether saved noise fits a model."""
     cfg = model.cfg
@@ -84,6 +85,9 @@ class NoiseHooks(nn.Module):
         self._handles: list[tuple[Any, Any]] = []
         self._generators: dict[str, torch.Generator] = {}
         self.seed = seed
+        # the ranking tl_noise.fit derived (path, refinement), read by node_importance
+        self.node_scores: dict[str, float] | None = None
+        self.ranking_info: dict[str, Any] | None = None
 
     # ------------------------------------------------------------ attachment
     @property
@@ -229,7 +233,8 @@ class NoiseHooks(nn.Module):
             stats = collect_activation_stats(self._model, self.hook_names, tokens, batch_size)
         check_finite_stats(stats, self.hook_names)
         for name, layer in self.items():
-            layer.set_natural_scale(stats[name]["std"].to(layer.natural_scale.device))
+            device = layer.natural_scale.device
+            layer.set_natural_scale(stats[name]["std"].to(device), stats[name]["mean"].to(device))
         self.calibration_source = "data"
 
     # ------------------------------------------------------------ save/load
@@ -242,6 +247,8 @@ class NoiseHooks(nn.Module):
             "fingerprint": self.fingerprint,
             "seed": self.seed,
             "calibration_source": self.calibration_source,
+            "node_scores": self.node_scores,
+            "ranking_info": self.ranking_info,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -297,6 +304,7 @@ class NoiseHooks(nn.Module):
         device = model_device(model)
         hooks = cls(model, layers, seed=config.get("seed", 0)).to(device)
         hooks.calibration_source = config.get("calibration_source", "none")
+        hooks.node_scores, hooks.ranking_info = _read_ranking(config)
         return hooks
 
     @classmethod
@@ -328,3 +336,18 @@ class NoiseHooks(nn.Module):
     def __repr__(self) -> str:
         head = f"NoiseHooks({len(self.hook_names)} hooks, attached={self.attached}"
         return head + f", mode={self.mode})"
+
+
+def _read_ranking(config: dict[str, Any]) -> tuple[dict[str, float] | None, dict[str, Any] | None]:
+    """The fitted ranking saved with the noise (absent in noise saved before it existed)."""
+    scores = config.get("node_scores")
+    if scores is not None:
+        ok = isinstance(scores, dict) and all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in scores.items()
+        )
+        if not ok:
+            raise ValueError("malformed tl-noise noise config: node_scores is not {node: number}")
+        scores = {k: float(v) for k, v in scores.items()}
+    info = config.get("ranking_info")
+    return scores, info if isinstance(info, dict) else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -70,26 +70,36 @@ def resolve_hook_names(model: Any, hooks: HookSpec) -> list[str]:
         if not matched:
             raise ValueError(f"the hook predicate {hooks!r} selected no hook point of the model")
     else:
-        try:
-            specs = [hooks] if isinstance(hooks, str) else list(hooks)
-        except TypeError:
-            specs = []
-        if not specs or not all(isinstance(s, str) for s in specs):
-            raise TypeError(
-                f"hooks={hooks!r}; expected a name, a glob pattern, a list, or a callable"
-            )
-        matched = []
-        for spec in specs:
-            found = (
-                fnmatch.filter(all_names, spec)
-                if any(c in spec for c in "*?[")
-                else ([spec] if spec in hook_dict else [])
-            )
-            if not found:
-                close = difflib.get_close_matches(spec, all_names, n=5, cutoff=0.5)
-                hint = f"; closest: {', '.join(close)}" if close else ""
-                raise ValueError(f"unknown hook point {spec!r}{hint}")
-            matched.extend(n for n in found if n not in matched)
+        matched = _match_specs(hooks, all_names, hook_dict)
+    return _one_name_per_point(matched, hook_dict)
+
+
+def _match_specs(
+    hooks: str | Iterable[str], all_names: list[str], hook_dict: Mapping[str, Any]
+) -> list[str]:
+    """The names matched by each name or glob pattern in ``hooks``, in order, without repeats."""
+    try:
+        specs = [hooks] if isinstance(hooks, str) else list(hooks)
+    except TypeError:
+        specs = []
+    if not specs or not all(isinstance(s, str) for s in specs):
+        raise TypeError(f"hooks={hooks!r}; expected a name, a glob pattern, a list, or a callable")
+    matched: list[str] = []
+    for spec in specs:
+        if any(c in spec for c in "*?["):
+            found = fnmatch.filter(all_names, spec)
+        else:
+            found = [spec] if spec in hook_dict else []
+        if not found:
+            close = difflib.get_close_matches(spec, all_names, n=5, cutoff=0.5)
+            hint = f"; closest: {', '.join(close)}" if close else ""
+            raise ValueError(f"unknown hook point {spec!r}{hint}")
+        matched.extend(n for n in found if n not in matched)
+    return matched
+
+
+def _one_name_per_point(matched: list[str], hook_dict: Mapping[str, Any]) -> list[str]:
+    """Keep each HookPoint once, under its preferred alias, in first-seen order."""
     by_point: dict[int, str] = {}
     order: list[int] = []
     for name in matched:

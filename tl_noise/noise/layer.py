@@ -20,7 +20,7 @@ directly or estimated as the output of a neural network".
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -28,56 +28,22 @@ from torch import Tensor, nn
 
 from tl_noise.noise.covariance import FactorizedCovariance, covariance_from_config
 from tl_noise.noise.estimator import RhoEstimator
+from tl_noise.noise.forms import additive, check_form, replacement
+from tl_noise.noise.granularity import (
+    DEAD_UNIT_RTOL,
+    GRANULARITIES,
+    NOISE_MODES,
+    Granularity,
+    NoiseMode,
+    check_granularity,
+    check_noise_mode,
+    param_shape_for,
+)
 from tl_noise.noise.parameterizations import (
     CloakStandardDeviationParameterization,
     StandardDeviationParameterization,
     parameterization_from_config,
 )
-
-Granularity = Literal["hook", "head", "feature", "head_feature"]
-GRANULARITIES: tuple[Granularity, ...] = get_args(Granularity)
-NoiseMode = Literal["sample", "mean", "off"]
-NOISE_MODES: tuple[NoiseMode, ...] = get_args(NoiseMode)
-
-
-def check_granularity(granularity: str, name: str = "") -> Granularity:
-    """``granularity`` as a :data:`Granularity`; ValueError listing the accepted ones if not."""
-    for accepted in GRANULARITIES:
-        if granularity == accepted:
-            return accepted
-    where = f" at {name!r}" if name else ""
-    raise ValueError(f"granularity={granularity!r}{where}; accepted: {', '.join(GRANULARITIES)}")
-
-
-def check_noise_mode(mode: str) -> NoiseMode:
-    """``mode`` as a :data:`NoiseMode`; ValueError listing the accepted ones if not."""
-    for accepted in NOISE_MODES:
-        if mode == accepted:
-            return accepted
-    raise ValueError(f"mode={mode!r}; accepted: {', '.join(NOISE_MODES)}")
-
-
-def param_shape_for(
-    unit_shape: tuple[int, ...], granularity: str, name: str = ""
-) -> tuple[int, ...]:
-    """Shape of the std parameters for an activation whose per-position unit is ``unit_shape``.
-
-    ``"hook"`` -> ``()``; ``"head"`` -> ``(n_heads,)`` (needs a 2-D unit ``(n_heads, d)``);
-    ``"feature"`` -> ``unit_shape``; ``"head_feature"`` -> ``unit_shape`` (needs a 2-D unit).
-    """
-    where = f" at {name!r}" if name else ""
-    granularity = check_granularity(granularity, name)
-    if granularity == "hook":
-        return ()
-    if granularity in ("head", "head_feature") and len(unit_shape) != 2:
-        raise ValueError(
-            f"granularity={granularity!r}{where} needs an activation with a head axis "
-            f"[batch, pos, n_heads, d]; this one is [batch, pos, {', '.join(map(str, unit_shape))}]"
-            ". Use 'feature' or 'hook' for residual-stream and MLP hooks."
-        )
-    if granularity == "head":
-        return (unit_shape[0],)
-    return tuple(unit_shape)
 
 
 class NoiseLayer(nn.Module):
@@ -96,7 +62,10 @@ class NoiseLayer(nn.Module):
         n_positions: if given, one set of stds per position ``0..n_positions-1``.
         estimator: a :class:`RhoEstimator` (or ``True`` for the default one) that predicts rhos
             from the activation instead of learning them directly.
-        relative: scale the noise by each unit's natural activation std (see :meth:`calibrate_`).
+        relative: scale the noise by each unit's natural activation std (see
+            :meth:`set_natural_scale`); units that never vary get no noise.
+        form: ``"additive"`` (``x + sigma s eps``) or ``"replacement"`` (``(1 - sigma) x +
+            sigma (mu + s eps)``, sigma capped at 1); see :mod:`tl_noise.noise.forms`.
     """
 
     natural_scale: Tensor  # buffers, registered in __init__
@@ -114,6 +83,7 @@ class NoiseLayer(nn.Module):
         estimator: RhoEstimator | bool | None = None,
         relative: bool = True,
         name: str = "",
+        form: str = "additive",
     ) -> None:
         super().__init__()
         self.name = name
@@ -124,22 +94,52 @@ class NoiseLayer(nn.Module):
             raise ValueError(f"n_positions={n_positions!r}; expected a positive int or None")
         self.n_positions = n_positions
         self.param_shape = ((n_positions,) if n_positions else ()) + base_shape
-        self.parameterization = parameterization or CloakStandardDeviationParameterization()
-        low, high = self._std_range()
-        if not (math.isfinite(init_std) and low <= init_std <= high):
-            raise ValueError(
-                f"init_std={init_std!r} at {name or 'this layer'}; expected a finite value in "
-                f"[{low:g}, {high:g}] (the parameterization's range)"
-            )
+        self.form = check_form(form)
+        self.parameterization = parameterization or CloakStandardDeviationParameterization(
+            scale=(1e-4, 1.0 if self.form == "replacement" else 2.0)
+        )
+        self._check_std_range(init_std)
         self.init_std = float(init_std)
         self.relative = bool(relative)
         self.mode: NoiseMode = "sample"
-        init_rho = float(self.parameterization.inverse(torch.tensor(self.init_std)))
         if estimator and n_positions is not None:
             raise ValueError(
                 "estimator and n_positions cannot be combined: an estimator already predicts "
                 "rhos at every position; pass n_positions=None"
             )
+        self._init_rhos(estimator, base_shape)
+        self.mean = nn.Parameter(torch.zeros(self.param_shape)) if learn_mean else None
+        self.covariance = covariance
+        if covariance is not None:
+            covariance.initialize_parameters(self.unit_shape)
+            covariance.reset_parameters(1.0)
+        self.register_buffer("natural_scale", torch.ones(self.unit_shape))
+        if self.form == "replacement":  # only then: saved additive noise keeps its tensors
+            self.register_buffer("natural_mean", torch.zeros(self.unit_shape))
+        self.register_buffer("calibrated", torch.tensor(False))
+        self._last_std: Tensor | None = None
+        self.batch_shard: tuple[int, int] | None = None  # (row offset, global batch) when sharded
+
+    def _check_std_range(self, init_std: float) -> None:
+        low, high = self._std_range()
+        where = self.name or "this layer"
+        if self.form == "replacement" and high > 1:
+            raise ValueError(
+                f"form='replacement' at {where} needs sigma <= 1 (the fraction of the node "
+                f"destroyed), but the parameterization's maximum is {high:g}; use e.g. "
+                "CloakStandardDeviationParameterization(scale=(1e-4, 1.0))"
+            )
+        if not (math.isfinite(init_std) and low <= init_std <= high):
+            raise ValueError(
+                f"init_std={init_std!r} at {where}; expected a finite value in "
+                f"[{low:g}, {high:g}] (the parameterization's range)"
+            )
+
+    def _init_rhos(
+        self, estimator: RhoEstimator | bool | None, base_shape: tuple[int, ...]
+    ) -> None:
+        """Free rhos at ``init_std``, or an estimator whose output bias starts there."""
+        init_rho = float(self.parameterization.inverse(torch.tensor(self.init_std)))
         if estimator is True:
             estimator = RhoEstimator(math.prod(self.unit_shape), max(1, math.prod(base_shape)))
         if isinstance(estimator, RhoEstimator):
@@ -155,15 +155,6 @@ class NoiseLayer(nn.Module):
         else:
             self.estimator = None
             self.rhos = nn.Parameter(torch.full(self.param_shape, init_rho))
-        self.mean = nn.Parameter(torch.zeros(self.param_shape)) if learn_mean else None
-        self.covariance = covariance
-        if covariance is not None:
-            covariance.initialize_parameters(self.unit_shape)
-            covariance.reset_parameters(1.0)
-        self.register_buffer("natural_scale", torch.ones(self.unit_shape))
-        self.register_buffer("calibrated", torch.tensor(False))
-        self._last_std: Tensor | None = None
-        self.batch_shard: tuple[int, int] | None = None  # (row offset, global batch) when sharded
 
     # ------------------------------------------------------------------ shapes
     def _std_range(self) -> tuple[float, float]:
@@ -238,6 +229,9 @@ class NoiseLayer(nn.Module):
         # shift and scale are small ([1, pos | 1, *unit]) unless an estimator makes the std
         # depend on the input; the full-size work is one randn and one fused x + eps * scale
         shift = self._param_view(self.mean, n_pos) * scale if self.mean is not None else None
+        if self.mode != "sample" and self.form == "replacement":
+            std = self._param_view(self.parameterization(self._rhos(x)), n_pos)
+            return replacement(x, None, std, scale, self.natural_mean, shift)
         if self.mode != "sample":
             return x if shift is None else x + shift.to(x.dtype)
         rhos = self._rhos(x)
@@ -248,12 +242,9 @@ class NoiseLayer(nn.Module):
             self._last_std = std_full if self.training else std_full.detach()
             std = std_full.reshape(*std_full.shape[:2], *self._trailing(std_full.shape[2:]))
         eps = self._eps(x, generator)
-        if x.dtype == eps.dtype:  # (noise kept in another dtype, e.g. float64, is cast first)
-            base = x if shift is None else x + shift.to(x.dtype)
-            return torch.addcmul(base, eps, (std * scale).to(x.dtype))
-        noise = eps * (std * scale)
-        noise = noise if shift is None else noise + shift
-        return x + noise.to(x.dtype)
+        if self.form == "replacement":
+            return replacement(x, eps, std, scale, self.natural_mean, shift)
+        return additive(x, eps, std, scale, shift)
 
     def _trailing(self, base_shape: torch.Size) -> list[int]:
         return list(base_shape) + [1] * (len(self.unit_shape) - len(base_shape))
@@ -280,13 +271,30 @@ class NoiseLayer(nn.Module):
 
     # ------------------------------------------------------------ calibration
     @torch.no_grad()
-    def set_natural_scale(self, scale: Float[Tensor, "*unit"]) -> None:
-        """Store each unit's natural activation std (clamped away from 0) and mark calibrated."""
+    def set_natural_scale(
+        self, scale: Float[Tensor, "*unit"], mean: Float[Tensor, "*unit"] | None = None
+    ) -> None:
+        """Store each unit's natural activation std (and mean, for the replacement form) and
+        mark the layer calibrated.
+
+        A unit whose std is at most ``DEAD_UNIT_RTOL`` times the hook's largest (zero up to
+        float error) never varies and carries no information: its scale is 0, so it gets no
+        noise. With ``relative=False`` the scale stays 1 (the user's absolute noise applies as
+        given, also to such units); the mean is still recorded.
+        """
         if tuple(scale.shape) != self.unit_shape:
             raise ValueError(f"natural scale shape {list(scale.shape)} != unit {self.unit_shape}")
         if self.relative:
-            floor = scale[scale > 0].mean() * 1e-3 if (scale > 0).any() else 1.0
-            self.natural_scale.copy_(torch.clamp(scale.float(), min=float(floor)))
+            scale = scale.float()
+            dead = scale <= DEAD_UNIT_RTOL * scale.max().clamp_min(0)
+            self.natural_scale.copy_(torch.where(dead, torch.zeros_like(scale), scale))
+        if self.form == "replacement":
+            if mean is None or tuple(mean.shape) != self.unit_shape:
+                raise ValueError(
+                    f"the replacement form at {self.name or 'this layer'} needs the units' "
+                    f"natural mean of shape {list(self.unit_shape)}"
+                )
+            self.natural_mean.copy_(mean.float())
         self.calibrated.fill_(True)
 
     # ----------------------------------------------------------------- config
@@ -302,6 +310,7 @@ class NoiseLayer(nn.Module):
             "n_positions": self.n_positions,
             "estimator": None if self.estimator is None else self.estimator.to_config(),
             "relative": self.relative,
+            "form": self.form,
         }
 
     @classmethod
@@ -326,6 +335,7 @@ class NoiseLayer(nn.Module):
             estimator=estimator,
             relative=config["relative"],
             name=name,
+            form=config.get("form", "additive"),  # noise saved before forms existed: additive
         )
 
     def plain_parameters(self) -> list[tuple[str, Tensor, float]]:

@@ -60,6 +60,14 @@ def _as_float32(value: float) -> float:
     return torch.tensor(value, dtype=torch.float32, device="cpu").item()
 
 
+def _check_bound(name: str, value: float, hint: str) -> None:
+    """ValueError unless ``value`` is >= 0 and finite in float32."""
+    if not math.isfinite(_as_float32(value)):
+        raise ValueError(f"{name}={value} is not finite in float32{hint}")
+    if value < 0:
+        raise ValueError(f"{name}={value} is negative{hint}")
+
+
 def _validate_scale(scale: object) -> tuple[float, float]:
     """Check a ``(min_scale, max_scale)`` pair and return it as two floats."""
     hint = f"; {_SCALE_RANGE}"
@@ -73,11 +81,8 @@ def _validate_scale(scale: object) -> tuple[float, float]:
         raise ValueError(f"scale must have 2 entries, got {len(values)}: {scale!r}{hint}")
     low = _real_scalar(values[0], f"min_scale (in scale={scale!r})", hint)
     high = _real_scalar(values[1], f"max_scale (in scale={scale!r})", hint)
-    for name, value in (("min_scale", low), ("max_scale", high)):
-        if not math.isfinite(_as_float32(value)):
-            raise ValueError(f"{name}={value} is not finite in float32{hint}")
-        if value < 0:
-            raise ValueError(f"{name}={value} is negative{hint}")
+    _check_bound("min_scale", low, hint)
+    _check_bound("max_scale", high, hint)
     if not low < high:
         raise ValueError(f"min_scale={low} is not below max_scale={high}{hint}")
     if not _as_float32(low) < _as_float32(high):
