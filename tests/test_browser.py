@@ -13,12 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
 
-import tl_noise as tn
 from tl_noise.cli.app import launch
-from tl_noise.fitting import fit
-from tl_noise.tasks import induction_task
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -42,25 +38,9 @@ CHROMIUM_ARGS = [
 
 
 @pytest.fixture(scope="module")
-def runs_root(tmp_path_factory) -> Path:
-    torch.set_num_threads(1)
+def runs_root(tmp_path_factory, embedded_fit) -> Path:
     root = tmp_path_factory.mktemp("browser-runs")
-    model = tn.load_embedded_model()
-    task = induction_task(int(model.cfg.d_vocab), n=32, seq_len=int(model.cfg.n_ctx), seed=0, bos=0)
-    noise = tn.attach_noise(
-        model, ["blocks.*.attn.hook_z", "blocks.*.hook_resid_pre"], calibration_tokens=task.tokens
-    )
-    fit(
-        model,
-        noise,
-        task,
-        steps=60,
-        lr=0.1,
-        batch_size=16,
-        run_dir=root / "induction",
-        quiet=True,
-        checkpoint_every=20,
-    )
+    embedded_fit(root / "induction", steps=60, checkpoint_every=20)
     return root
 
 

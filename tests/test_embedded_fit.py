@@ -8,16 +8,13 @@ import torch
 import tl_noise as tn
 from tl_noise.evaluation import ground_truth_mask, roc_auc
 from tl_noise.fitting.objectives import kl_divergence
-from tl_noise.tasks import induction_task
 
 pytestmark = [pytest.mark.tl3, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def embedded():
-    model = tn.load_embedded_model()
-    task = induction_task(model.cfg.d_vocab, n=128, seq_len=model.cfg.n_ctx, seed=11, bos=0)
-    return model, task
+def embedded(embedded):  # the conftest factory, called once for this module
+    return embedded(n=128, seed=11)
 
 
 def eval_kl(model, noise, task, seed=123):

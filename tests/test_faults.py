@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import bits, count_hooks, logits_of
 
 import tl_noise as tn
 from tl_noise.fitting import fit
@@ -36,20 +37,6 @@ _spec.loader.exec_module(kill_fit)
 
 STEPS = 10  # checkpoints every 2 steps (kill_fit.FIT)
 STATE = "noise_state.safetensors"
-
-
-def count_hooks(model) -> int:
-    points = {id(hp): hp for hp in model.hook_dict.values()}  # the bridge lists aliases twice
-    return sum(len(hp.fwd_hooks) + len(hp._forward_hooks) for hp in points.values())
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().float().contiguous().view(torch.int32)
-
-
-def logits_of(model, tokens) -> torch.Tensor:
-    with torch.no_grad():
-        return model(tokens)
 
 
 def history_lines(run: Path) -> list[dict]:

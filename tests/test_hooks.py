@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import count_hooks, logits_of
 
 import tl_noise as tn
 from tl_noise.hooks import NoiseHooks, resolve_hook_names
@@ -26,15 +27,10 @@ HOOK_FAMILIES = {
 CASES = [(p, g, s) for p, gs in HOOK_FAMILIES.items() for g, s in gs.items()]
 
 
-def clean_logits(model, tokens):
-    with torch.no_grad():
-        return model(tokens)
-
-
 @pytest.mark.parametrize(("pattern", "granularity", "shape"), CASES)
 def test_every_granularity_on_every_hook_family(tiny_model, tokens, pattern, granularity, shape):
     param = tn.CloakStandardDeviationParameterization()
-    before = clean_logits(tiny_model, tokens)
+    before = logits_of(tiny_model, tokens)
     noise = tn.attach_noise(
         tiny_model, pattern, granularity=granularity, parameterization=param, init_std=0.3
     )
@@ -56,7 +52,7 @@ def test_every_granularity_on_every_hook_family(tiny_model, tokens, pattern, gra
         assert all(p.grad is None for p in tiny_model.parameters())
     finally:
         noise.remove()
-    assert torch.equal(clean_logits(tiny_model, tokens), before)
+    assert torch.equal(logits_of(tiny_model, tokens), before)
 
 
 def test_per_position_granularity(tiny_model, tokens):
@@ -74,30 +70,25 @@ def test_per_position_granularity(tiny_model, tokens):
             noise.layer("blocks.0.attn.hook_z").check_activation((1, 40, 4, 8))
 
 
-def count_hooks(model) -> int:
-    points = {id(hp): hp for hp in model.hook_dict.values()}  # the bridge lists aliases twice
-    return sum(len(hp.fwd_hooks) + len(hp._forward_hooks) for hp in points.values())
-
-
 def test_removal_is_bit_exact_and_leaves_no_hooks(tiny_model, tokens):
-    before = clean_logits(tiny_model, tokens)
+    before = logits_of(tiny_model, tokens)
     n_hooks = count_hooks(tiny_model)
     noise = tn.attach_noise(tiny_model, ["blocks.0.attn.hook_z", "blocks.1.hook_resid_pre"])
     assert count_hooks(tiny_model) == n_hooks + 4  # TransformerLens' list + torch's registry
     noise.remove()
     noise.remove()  # idempotent
     assert count_hooks(tiny_model) == n_hooks
-    assert torch.equal(clean_logits(tiny_model, tokens), before)
+    assert torch.equal(logits_of(tiny_model, tokens), before)
 
 
 def test_context_manager_removes_on_error(tiny_model, tokens):
-    before = clean_logits(tiny_model, tokens)
+    before = logits_of(tiny_model, tokens)
     with pytest.raises(RuntimeError, match="boom"):
         with tn.attach_noise(tiny_model, "blocks.*.attn.hook_z") as noise:
             assert noise.attached
             raise RuntimeError("boom")
     assert not noise.attached
-    assert torch.equal(clean_logits(tiny_model, tokens), before)
+    assert torch.equal(logits_of(tiny_model, tokens), before)
 
 
 def test_parameters_are_only_noise(tiny_model):
@@ -163,7 +154,7 @@ def test_reproducible_noise_and_modes(tiny_model, tokens):
 def clean_logits_without(model, tokens, noise):
     noise.remove()
     try:
-        return clean_logits(model, tokens)
+        return logits_of(model, tokens)
     finally:
         noise.attach()
 

@@ -7,23 +7,13 @@ import math
 
 import pytest
 import torch
+from conftest import HOOKS
 
 import tl_noise as tn
 from tl_noise.fitting import fit
 from tl_noise.runs import latest_checkpoint, read_history
 
 pytestmark = pytest.mark.tl3
-
-HOOKS = "blocks.*.attn.hook_z"
-
-
-@pytest.fixture()
-def data():
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 50, (24, 12), generator=gen)
-    mask = torch.zeros_like(tokens, dtype=torch.bool)
-    mask[:, 6:] = True
-    return tokens, mask
 
 
 def fresh_noise(model, tokens, **kw):

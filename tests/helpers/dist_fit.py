@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 import tl_noise as tn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import TINY  # noqa: E402
+from conftest import HOOKS, TINY, tiny_data  # noqa: E402
 
 from tl_noise.fitting import fit
 
@@ -21,10 +21,7 @@ CONFIG = TINY  # the test suite's tiny native model (tests/conftest.py)
 
 
 def data():
-    tokens = torch.randint(0, 50, (24, 12), generator=torch.Generator().manual_seed(0))
-    mask = torch.zeros_like(tokens, dtype=torch.bool)
-    mask[:, 4:] = True
-    return tokens, mask
+    return tiny_data(mask_from=4)
 
 
 def run(run_dir=None, quiet=True):
@@ -33,7 +30,7 @@ def run(run_dir=None, quiet=True):
     for p in model.parameters():
         p.requires_grad_(False)
     tokens, mask = data()
-    with tn.attach_noise(model, "blocks.*.attn.hook_z", calibration_tokens=tokens) as noise:
+    with tn.attach_noise(model, HOOKS, calibration_tokens=tokens) as noise:
         fit(
             model,
             noise,

@@ -23,29 +23,22 @@ import torch
 import tl_noise as tn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import TINY  # noqa: E402
+from conftest import HOOKS, TINY, freeze, tiny_data  # noqa: E402
 
 import tl_noise.io as tio
 from tl_noise.fitting import fit
 
 CONFIG = TINY  # the test suite's tiny native model (tests/conftest.py)
-HOOKS = "blocks.*.attn.hook_z"
 FIT = dict(batch_size=8, lr=0.05, seed=5, checkpoint_every=2, quiet=True)
 
 
 def data() -> tuple[torch.Tensor, torch.Tensor]:
-    tokens = torch.randint(0, 50, (24, 12), generator=torch.Generator().manual_seed(0))
-    mask = torch.zeros_like(tokens, dtype=torch.bool)
-    mask[:, 4:] = True
-    return tokens, mask
+    return tiny_data(mask_from=4)
 
 
 def make_model(delay: float = 0.0):
     torch.set_num_threads(1)
-    model = tn.build_native_model(CONFIG)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model = freeze(tn.build_native_model(CONFIG))
     if delay:
         model.register_forward_hook(lambda module, args, output: time.sleep(delay))
     return model
