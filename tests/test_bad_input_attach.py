@@ -1,0 +1,172 @@
+"""Bad input to ``attach_noise``: settings, hook names, calibration tokens and models.
+
+Each case raises a clear error and leaves the model as it was (the contract of the bad-input
+matrix, ``tests/test_bad_input_*.py``, and its shared fixtures: ``tests/conftest.py``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from conftest import (
+    HOOKS,
+    INF,
+    NAN,
+    assert_model_intact,
+    attach,
+    embedding_weight,
+    logits_of,
+)
+
+import tl_noise as tn
+
+pytestmark = pytest.mark.tl3
+
+
+# ------------------------------------------------------------------ attach_noise: bad settings
+def cloak(**kw):
+    return tn.CloakStandardDeviationParameterization(**kw)
+
+
+ATTACH_CASES = {
+    "scale-reversed": (
+        lambda m, t: attach(m, t, parameterization=cloak(scale=(2.0, 1.0))),
+        ValueError,
+        "min_scale=2.0 is not below max_scale=1.0",
+    ),
+    "scale-infinite": (
+        lambda m, t: attach(m, t, parameterization=cloak(scale=(0.0, INF))),
+        ValueError,
+        "max_scale=inf",
+    ),
+    "scale-negative": (
+        lambda m, t: attach(m, t, parameterization=cloak(scale=(-1.0, 1.0))),
+        ValueError,
+        "min_scale=-1.0 is negative",
+    ),
+    "scale-not-a-pair": (
+        lambda m, t: attach(m, t, parameterization=cloak(scale="ab")),
+        TypeError,
+        "'ab'",
+    ),
+    "shallow-zero": (
+        lambda m, t: attach(m, t, parameterization=cloak(shallow=0)),
+        ValueError,
+        "shallow must be a finite number > 0, got 0",
+    ),
+    "shallow-nan": (
+        lambda m, t: attach(m, t, parameterization=cloak(shallow=NAN)),
+        ValueError,
+        "shallow must be a finite number > 0, got nan",
+    ),
+    "softplus-min-negative": (
+        lambda m, t: attach(
+            m, t, parameterization=tn.SoftplusStandardDeviationParameterization(min_scale=-0.5)
+        ),
+        ValueError,
+        "got -0.5",
+    ),
+    "parameterization-is-a-string": (
+        lambda m, t: attach(m, t, parameterization="cloak"),
+        TypeError,
+        "parameterization='cloak'",
+    ),
+    "init-std-outside-range": (
+        lambda m, t: attach(m, t, init_std=5.0),
+        ValueError,
+        r"init_std=5.0 .*\[0.0001, 2\]",
+    ),
+    "init-std-nan": (lambda m, t: attach(m, t, init_std=NAN), ValueError, "init_std=nan"),
+    "head-granularity-on-residual": (
+        lambda m, t: attach(m, t, "blocks.0.hook_resid_pre", granularity="head"),
+        ValueError,
+        r"granularity='head' at 'blocks.0.hook_resid_pre' .*\[batch, pos, 32\]",
+    ),
+    "head-feature-granularity-on-mlp": (
+        lambda m, t: attach(m, t, "blocks.1.mlp.hook_post", granularity="head_feature"),
+        ValueError,
+        r"granularity='head_feature' at 'blocks.1.mlp.hook_post' .*\[batch, pos, 64\]",
+    ),
+    "unknown-granularity": (
+        lambda m, t: attach(m, t, granularity="diag"),
+        ValueError,
+        "granularity='diag'.*accepted: hook, head, feature, head_feature",
+    ),
+    "unknown-hook-name": (
+        lambda m, t: attach(m, t, "blocks.0.attn.hook_zz"),
+        ValueError,
+        r"unknown hook point 'blocks.0.attn.hook_zz'; closest: blocks\.0\.attn\.hook_z\b",
+    ),
+    "pattern-matches-no-hook": (
+        lambda m, t: attach(m, t, "blocks.7.*"),
+        ValueError,
+        re.escape("unknown hook point 'blocks.7.*'"),
+    ),
+    "hooks-not-a-name": (lambda m, t: attach(m, t, 5), TypeError, "hooks=5"),
+    "attention-pattern-hook": (
+        lambda m, t: attach(m, t, "blocks.0.attn.hook_pattern"),
+        ValueError,
+        "blocks.0.attn.hook_pattern",
+    ),
+    "calibration-tokens-outside-vocabulary": (
+        lambda m, t: attach(m, torch.cat([t, torch.full((1, 12), 50)])),
+        ValueError,
+        re.escape("calibration_tokens must lie in [0, 49] (d_vocab=50); found [0, 50]"),
+    ),
+    "calibration-tokens-negative": (
+        lambda m, t: attach(m, torch.cat([t, torch.full((1, 12), -3)])),
+        ValueError,
+        re.escape("found [-3, 49]"),
+    ),
+    "calibration-tokens-empty": (
+        lambda m, t: attach(m, t[:0]),
+        ValueError,
+        re.escape("calibration_tokens has shape [0, 12]: the dataset is empty"),
+    ),
+    "calibration-tokens-float": (
+        lambda m, t: attach(m, t.float()),
+        TypeError,
+        "calibration_tokens .*dtype torch.float32",
+    ),
+    "estimator-unknown-argument": (
+        lambda m, t: attach(m, t, estimator={"d_hiden": 8}),
+        TypeError,
+        "d_hiden",
+    ),
+    "model-is-a-plain-module": (
+        lambda m, t: tn.attach_noise(torch.nn.Linear(2, 2), HOOKS),
+        TypeError,
+        "got Linear",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ATTACH_CASES))
+def test_attach_noise_rejects(case, tiny_model, data, intact):
+    call, exc, match = ATTACH_CASES[case]
+    with pytest.raises(exc, match=match):
+        call(tiny_model, data[0])
+
+
+def test_attach_noise_rejects_a_huggingface_model(tiny_model, data, intact):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).eval()
+    with pytest.raises(TypeError, match="got GPT2LMHeadModel.*load_model"):
+        tn.attach_noise(hf, HOOKS)
+    assert not hf._forward_hooks and not any(m._forward_hooks for m in hf.modules())
+
+
+def test_nan_activations_at_attach_name_the_hook(make_model, data):
+    poisoned = make_model()
+    with torch.no_grad():
+        embedding_weight(poisoned)[7] = NAN
+    tokens = data[0].clone()
+    tokens[3, 5] = 7
+    before = logits_of(poisoned, tokens)
+    assert torch.isnan(before[3]).any()
+    with pytest.raises(FloatingPointError, match=r"\['blocks.0.attn.hook_z', 'blocks.1.attn"):
+        tn.attach_noise(poisoned, HOOKS, calibration_tokens=tokens)
+    assert_model_intact(poisoned, tokens, before)
