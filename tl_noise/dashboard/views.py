@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import streamlit as st
 import torch
+from torch import Tensor
 
 from tl_noise.dashboard import charts
 from tl_noise.runs import Run, hook_kind
@@ -102,15 +103,7 @@ def feature_stds(run: Run, step: int) -> None:
         return
     with section("the per-feature stds"):
         stds = run.stds_at(step)
-        groups: dict[str, list[str]] = {}
-        scalars = []
-        for name in names:
-            if name not in stds:
-                continue
-            if stds[name].ndim == 0:
-                scalars.append({"hook": name, "std": float(stds[name])})
-            else:
-                groups.setdefault(hook_kind(name), []).append(name)
+        scalars, groups = _scalars_and_kinds(names, stds)
         logs = {}
         for kind, members in groups.items():
             widths = {stds[n].numel() for n in members}
@@ -135,6 +128,22 @@ def feature_stds(run: Run, step: int) -> None:
             )
         if scalars:
             st.dataframe(scalars, hide_index=True)
+
+
+def _scalars_and_kinds(
+    names: list[str], stds: dict[str, Tensor]
+) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+    """Rows ``{"hook", "std"}`` of the hooks with one std, and the other hooks by kind."""
+    scalars: list[dict[str, Any]] = []
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        if name not in stds:
+            continue
+        if stds[name].ndim == 0:
+            scalars.append({"hook": name, "std": float(stds[name])})
+        else:
+            groups.setdefault(hook_kind(name), []).append(name)
+    return scalars, groups
 
 
 def gradients(run: Run, step: int, key_prefix: str) -> None:

@@ -327,15 +327,17 @@ def list_runs(root: str | os.PathLike, max_depth: int = 4) -> list[Path]:
     for here, subdirs, _ in os.walk(base, followlinks=False):
         depth = len(Path(here).relative_to(base).parts)
         descend = []
-        for name in sorted(subdirs):
-            child = Path(here) / name
-            if name.startswith(".") or child.is_symlink():
-                continue
-            if not child.resolve().is_relative_to(base):
-                continue
+        for child in _visible_subfolders(Path(here), subdirs, base):
             if _looks_like_run(child):
                 found.append(child)
             elif depth + 1 < max_depth:
-                descend.append(name)
+                descend.append(child.name)
         subdirs[:] = descend
     return sorted(found)
+
+
+def _visible_subfolders(here: Path, subdirs: list[str], base: Path) -> list[Path]:
+    """The sub-folders of ``here`` to look at, sorted: not hidden, not a symbolic link, and
+    inside ``base`` once resolved."""
+    children = [here / name for name in sorted(subdirs) if not name.startswith(".")]
+    return [c for c in children if not c.is_symlink() and c.resolve().is_relative_to(base)]

@@ -176,18 +176,22 @@ def param_specs_from_module(
         if longest is not None:
             used.add(longest)
         layer_type = layer_types[longest] if longest is not None else "hidden"
-        if param.ndim == 1 or (param.ndim >= 1 and _is_bias_name(name.rsplit(".", 1)[-1])):
-            specs.append(ParamSpec(name, param, 1, param.numel(), layer_type, "bias"))
-        elif param.ndim == 2:
-            d_in, d_out = param.shape
-            specs.append(ParamSpec(name, param, d_in, d_out, layer_type, "weight"))
-        else:
-            raise ValueError(
-                f"parameter {name!r} has shape {tuple(param.shape)}: expected a 2-D [d_in, d_out] "
-                "weight or a bias"
-            )
+        specs.append(_spec_for(name, param, layer_type))
     unused = sorted(set(layer_types) - used)
     if unused:
         names = [n for n, p in module.named_parameters() if p.requires_grad]
         raise ValueError(f"layer_types keys {unused} match no trainable parameter; names: {names}")
     return specs
+
+
+def _spec_for(name: str, param: nn.Parameter, layer_type: LayerType) -> ParamSpec:
+    """A bias spec (``fan_in = 1``) for a 1-D or bias-named parameter, else a 2-D weight's."""
+    if param.ndim == 1 or (param.ndim >= 1 and _is_bias_name(name.rsplit(".", 1)[-1])):
+        return ParamSpec(name, param, 1, param.numel(), layer_type, "bias")
+    if param.ndim == 2:
+        d_in, d_out = param.shape
+        return ParamSpec(name, param, d_in, d_out, layer_type, "weight")
+    raise ValueError(
+        f"parameter {name!r} has shape {tuple(param.shape)}: expected a 2-D [d_in, d_out] "
+        "weight or a bias"
+    )

@@ -8,6 +8,8 @@ probability difference: next-token probability mass on the years ``"00".."99"`` 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,6 +24,9 @@ NOUNS = (
     "occupation marriage voyage campaign dispute"
 ).split()
 YEARS = range(2, 99)  # YY in 02..98, so both sides of the comparison are non-empty
+
+PromptTokenizer = Callable[[str, int], list[int] | None]
+"""``(noun, yy) -> prompt ids``, or None when the prompt does not split the year as needed."""
 
 
 def year_token_ids(tokenizer_or_model: Any) -> Int[Tensor, "100"]:
@@ -91,26 +96,61 @@ def greater_than_task(
     nouns = [w for w in NOUNS if single_token(tokenizer, "The", w) is not None]
     if not nouns:
         raise ValueError(f"none of the nouns {NOUNS} is a single token after 'The'")
+    tokenize: PromptTokenizer = partial(_prompt_ids, tokenizer, year_ids, century)
+    years = _split_years(tokenizer, tokenize, nouns[0], century)
+    length = len(tokenize(nouns[0], years[0]) or [])
+    rows, yys, prompts = _draw_prompts(tokenize, nouns, years, length, n, seed, century)
 
-    def tokenize(noun: str, yy: int) -> list[int] | None:
-        # None unless the prompt reads [..., century][YY][...][century] and YY follows it too
-        head = f"The {noun} lasted from the year {century}"
-        prompt = f"{head}{yy:02d} to the year {century}"
-        head_ids, ids = encode(tokenizer, head), encode(tokenizer, prompt)
-        year = int(year_ids[yy])
-        if ids[: len(head_ids)] != head_ids or ids[len(head_ids) : len(head_ids) + 1] != [year]:
-            return None
-        return ids if encode(tokenizer, f"{prompt}{yy:02d}") == [*ids, year] else None
+    tokens = torch.tensor([prefix + ids for ids in rows], dtype=torch.long)
+    loss_mask = torch.zeros_like(tokens, dtype=torch.bool)
+    loss_mask[:, -1] = True
+    extras = {
+        "yy": torch.tensor(yys, dtype=torch.long),
+        "metric_positions": torch.full((n,), tokens.shape[1] - 1, dtype=torch.long),
+    }
+    info = {"n": n, "seed": seed, "century": century, "prepend_bos": prepend_bos,
+            "nouns": nouns, "years": years, "year_token_ids": year_ids.tolist(),
+            "prompts": prompts}  # fmt: skip
+    metric = probability_difference_metric(year_ids)
+    return Task("greater_than", tokens, loss_mask, metric=metric, extras=extras, info=info)
 
-    years = [yy for yy in YEARS if tokenize(nouns[0], yy) is not None]
+
+def _prompt_ids(
+    tokenizer: Any, year_ids: Int[Tensor, "100"], century: int, noun: str, yy: int
+) -> list[int] | None:
+    """Ids of the prompt for ``noun``, ``yy``; None unless it reads ``[..., century][YY][...]
+    [century]`` and ``YY`` also follows it as one token."""
+    head = f"The {noun} lasted from the year {century}"
+    prompt = f"{head}{yy:02d} to the year {century}"
+    head_ids, ids = encode(tokenizer, head), encode(tokenizer, prompt)
+    year = int(year_ids[yy])
+    if ids[: len(head_ids)] != head_ids or ids[len(head_ids) : len(head_ids) + 1] != [year]:
+        return None
+    return ids if encode(tokenizer, f"{prompt}{yy:02d}") == [*ids, year] else None
+
+
+def _split_years(tokenizer: Any, tokenize: PromptTokenizer, noun: str, century: int) -> list[int]:
+    """The years ``YY`` in :data:`YEARS` written ``"{century}" + "YY"``; ValueError if none is."""
+    years = [yy for yy in YEARS if tokenize(noun, yy) is not None]
     if not years:
         example = [tokenizer.decode([i]) for i in encode(tokenizer, f"the year {century}32")]
         raise ValueError(
             f"greater_than_task needs the tokenizer to split '{century}YY' into '{century}' + "
             f"'YY'; it never does for century={century} ('the year {century}32' -> {example})"
         )
-    length = len(tokenize(nouns[0], years[0]) or [])
+    return years
 
+
+def _draw_prompts(
+    tokenize: PromptTokenizer,
+    nouns: list[str],
+    years: list[int],
+    length: int,
+    n: int,
+    seed: int,
+    century: int,
+) -> tuple[list[list[int]], list[int], list[str]]:
+    """``n`` random (noun, year) prompts of ``length`` ids: their ids, years and texts."""
     gen = torch.Generator().manual_seed(seed)
     rows: list[list[int]] = []
     yys: list[int] = []
@@ -123,21 +163,9 @@ def greater_than_task(
         ids = tokenize(noun, yy)
         if ids is None or len(ids) != length:
             continue  # this noun changes how the year is split; draw another
-        rows.append(prefix + ids)
+        rows.append(ids)
         yys.append(yy)
         prompts.append(f"The {noun} lasted from the year {century}{yy:02d} to the year {century}")
     if len(rows) < n:
         raise ValueError(f"only {len(rows)} of n={n} greater-than prompts tokenize consistently")
-
-    tokens = torch.tensor(rows, dtype=torch.long)
-    loss_mask = torch.zeros_like(tokens, dtype=torch.bool)
-    loss_mask[:, -1] = True
-    extras = {
-        "yy": torch.tensor(yys, dtype=torch.long),
-        "metric_positions": torch.full((n,), tokens.shape[1] - 1, dtype=torch.long),
-    }
-    info = {"n": n, "seed": seed, "century": century, "prepend_bos": prepend_bos,
-            "nouns": nouns, "years": years, "year_token_ids": year_ids.tolist(),
-            "prompts": prompts}  # fmt: skip
-    metric = probability_difference_metric(year_ids)
-    return Task("greater_than", tokens, loss_mask, metric=metric, extras=extras, info=info)
+    return rows, yys, prompts
