@@ -20,7 +20,13 @@ from tl_noise.fitting.projection import (
     project_out_smaller_tensor,
     vector_projection,
 )
-from tl_noise.hooks import NoiseHooks, attach_noise, head_importance, resolve_hook_names
+from tl_noise.hooks import (
+    NoiseHooks,
+    attach_noise,
+    head_importance,
+    node_importance,
+    resolve_hook_names,
+)
 from tl_noise.models import build_native_model, load_embedded_model, load_model
 from tl_noise.noise import NoiseLayer, RhoEstimator
 from tl_noise.noise.covariance import (
@@ -76,6 +82,7 @@ __all__ = [
     "head_importance",
     "load_embedded_model",
     "load_model",
+    "node_importance",
     "order_tensors_by_norm",
     "project_out_smaller_tensor",
     "resolve_hook_names",

@@ -75,6 +75,7 @@ def collect_activation_stats(
             s = stats[name]
             mean = s["sum"] / s["n"]
             s["std"] = (s["sumsq"] / s["n"] - mean * mean).clamp(min=0).sqrt().float().cpu()
+            s["mean"] = mean.float().cpu()
         elif require_all:
             hint = ""
             if name.endswith("hook_result"):
