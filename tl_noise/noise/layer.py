@@ -70,6 +70,7 @@ class NoiseLayer(nn.Module):
 
     natural_scale: Tensor  # buffers, registered in __init__
     calibrated: Tensor
+    natural_mean: Tensor  # registered for the replacement form only
 
     def __init__(
         self,
