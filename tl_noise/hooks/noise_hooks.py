@@ -68,6 +68,10 @@ def model_fingerprint(model: Any) -> dict[str, Any]:
 class NoiseHooks(nn.Module):
     """Noise layers attached to a model's hook points (an ``nn.Module`` of noise parameters only).
 
+    While attached, the activation ``x_h`` at each hook point ``h`` is replaced by
+    ``NoiseLayer_h(x_h)`` (see :class:`~tl_noise.noise.layer.NoiseLayer` for the noise), with
+    ``eps`` drawn from a seeded generator per device (torch's global RNG when ``seed=None``);
+    ``remove()`` restores the model's outputs bit for bit.
     ``parameters()`` yields only the noise parameters, so an optimizer built from it never
     touches the model. Use as a context manager to remove the hooks on exit, also on error.
     """

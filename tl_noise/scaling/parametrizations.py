@@ -177,6 +177,11 @@ class ScalingRules:
 class Parametrization(ABC):
     """Abstract base: initial std and lr multiplier per tensor, from its fans and role.
 
+    For a tensor with fans ``(fan_in, fan_out)`` and layer type ``t``: initialise
+    ``W ~ N(0, init(fan_in, fan_out)^2)`` and train it with learning rate
+    ``base_lr * lr(fan_in, fan_out)``, where ``init = rules.weight_init[t]`` and
+    ``lr = rules.weight_lr[(optimizer family, t)]`` (``bias_*`` for a bias, ``fan_in = 1``).
+
     Subclasses set two class attributes: ``name`` (the short config name, e.g. ``"mup"``) and
     ``rules`` (a :class:`ScalingRules`). The four methods validate their arguments, then look the
     rule up in the tables.
