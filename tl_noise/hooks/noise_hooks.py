@@ -72,6 +72,7 @@ class NoiseHooks(nn.Module):
     ``NoiseLayer_h(x_h)`` (see :class:`~tl_noise.noise.layer.NoiseLayer` for the noise), with
     ``eps`` drawn from a seeded generator per device (torch's global RNG when ``seed=None``);
     ``remove()`` restores the model's outputs bit for bit.
+
     ``parameters()`` yields only the noise parameters, so an optimizer built from it never
     touches the model. Use as a context manager to remove the hooks on exit, also on error.
     """
