@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     "tl_noise.hooks": 2,
     "tl_noise.tasks": 2,
     "tl_noise.models": 2,
+    "tl_noise.zoo": 2,  # benchmark models with their tasks and labels
     "tl_noise.runs": 3,
     "tl_noise.fitting": 4,
     "tl_noise.evaluation": 5,

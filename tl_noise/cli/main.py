@@ -67,7 +67,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> No
 
     for name, default, meta in FitConfig.settings():
         default = defaults.get(name, default)
-        kind = float if name == "budget" else _argparse_type(default)
+        kind = meta.get("type") or _argparse_type(default)
         parser.add_argument(
             f"--{name.replace('_', '-')}",
             dest=name,

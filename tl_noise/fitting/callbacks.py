@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_noise.fitting.checkpoint import optimizer_meta, optimizer_tensors
+from tl_noise.fitting.checkpoint import optimizer_tensors
+from tl_noise.hooks import node_importance
 from tl_noise.ranking import rank_heads
 from tl_noise.runs.writer import RunWriter
 
@@ -107,27 +108,31 @@ class RunDirectory(Callback):
     def on_step_end(self, trainer: Trainer, step: int, record: dict[str, Any] | None) -> None:
         if record is not None:
             self.pending.append(record)
-        done, steps = step + 1, trainer.config.steps
-        if done % trainer.config.checkpoint_every == 0 or done == steps:
+        done, last = step + 1, trainer.last_step(step)
+        if done % trainer.config.checkpoint_every == 0 or last:
             self.writer.append_history(self.pending)
             self.pending = []
-            state = {"optimizer": optimizer_meta(trainer.optimizer), **trainer.combiner.state()}
             tensors = optimizer_tensors(trainer.optimizer)
-            self.writer.checkpoint(done, trainer.noise.save, state, tensors)
-            self.writer.status("running" if done < steps else "completed", done)
+            self.writer.checkpoint(done, trainer.noise.save, trainer.state(), tensors)
+            self.writer.status("completed" if last else "running", done)
 
     def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
         self.writer.append_history(self.pending)
         self.pending = []
         history = result.history
+        done = result.stopped_at or trainer.config.steps
         summary = {
             "importance": result.importance.tolist() if result.importance is not None else None,
             "ranking": rank_heads(result.importance),
+            "node_importance": node_importance(trainer.noise),
+            "ranking_info": trainer.noise.ranking_info,
             "seconds": result.seconds,
             "final_loss": history[-1]["loss"] if history else None,
+            "steps_done": done,
+            "stopped_early": result.stopped_at is not None,
         }
         self.writer.write_final(trainer.noise.save, summary)
-        self.writer.status("completed", trainer.config.steps)
+        self.writer.status("completed", done)
 
     def on_error(self, trainer: Trainer, step: int, error: BaseException) -> None:
         # say so in status.json; the last checkpoint stays intact

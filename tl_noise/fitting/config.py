@@ -55,7 +55,9 @@ class FitConfig:
         choices=COMBINERS.names(),
     )
     alpha: float = _setting(0.5, "weight of the noise loss in mode composite, in [0, 1]")
-    budget: float | None = _setting(None, "task-loss budget of mode budget (e.g. a KL of 0.05)")
+    budget: float | None = _setting(
+        None, "task-loss budget of mode budget (e.g. a KL of 0.05)", type=float
+    )
     steps: int = _setting(500, "optimisation steps")
     lr: float = _setting(0.05, "Adam learning rate of the noise parameters")
     batch_size: int = _setting(32, "examples per step")
@@ -71,6 +73,16 @@ class FitConfig:
     clean_cache_mb: float = _setting(
         512.0, "memory for cached clean next-token distributions (MiB; 0: recompute each step)"
     )
+    stable_window: int = _setting(
+        0, "stop once the node ranking has not changed for this many steps (0: run every step)"
+    )
+    refine_window: int = _setting(
+        4, "in-context refinement of the ranking: candidates tried per removal (0: off)"
+    )
+    refine_examples: int = _setting(64, "examples the in-context refinement evaluates on")
+    refine_budget: int | None = _setting(
+        None, "most forward passes the refinement may spend (default: no cap)", type=int
+    )
 
     def __post_init__(self) -> None:
         COMBINERS.get(self.mode)  # ValueError naming the accepted modes
@@ -82,8 +94,14 @@ class FitConfig:
             raise TLNoiseValueError(
                 f"noise_loss_kind={self.noise_loss_kind!r}; accepted: {', '.join(NOISE_LOSSES)}"
             )
-        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every", "refine_examples"):
             _positive_int(name, getattr(self, name))
+        for name in ("stable_window", "refine_window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise TLNoiseValueError(f"{name}={value!r}; expected an int >= 0")
+        if self.refine_budget is not None:
+            _positive_int("refine_budget", self.refine_budget)
         _positive_number("lr", self.lr)
         cache = self.clean_cache_mb
         if not (isinstance(cache, (int, float)) and math.isfinite(cache) and cache >= 0):
@@ -120,6 +138,10 @@ class FitConfig:
             "n_examples": n_examples,
             "n_positions": n_positions,
             "budget_lr": self.budget_lr if self.mode == "budget" else None,
+            "stable_window": self.stable_window,
+            "refine_window": self.refine_window,
+            "refine_examples": self.refine_examples if self.refine_window else None,
+            "refine_budget": self.refine_budget if self.refine_window else None,
         }
 
     @classmethod

@@ -18,6 +18,7 @@ from tl_noise.fitting.checkpoint import read_resume_checkpoint
 from tl_noise.fitting.config import FitConfig
 from tl_noise.fitting.inputs import FitData, prepare_data
 from tl_noise.fitting.objectives import resolve_objective
+from tl_noise.fitting.refine import RefineRanking
 from tl_noise.fitting.trainer import FitResult, Trainer
 from tl_noise.hooks import NoiseHooks, model_fingerprint
 from tl_noise.models import model_name
@@ -65,6 +66,10 @@ def fit(
     clean_cache_mb: float = 512.0,
     task_info: dict[str, Any] | None = None,
     callbacks: Sequence[Callback] = (),
+    stable_window: int = 0,
+    refine_window: int = 4,
+    refine_examples: int = 64,
+    refine_budget: int | None = None,
 ) -> FitResult:
     """Fit the noise of ``noise`` (attached to ``model``) on ``tokens``; the model stays frozen.
 
@@ -81,6 +86,10 @@ def fit(
         resume: continue the run in ``run_dir`` from its last checkpoint; the result equals an
             uninterrupted run with the same settings.
         quiet: no progress bar.
+        stable_window: stop once the node ranking has held for this many steps (0: never).
+        refine_window, refine_examples, refine_budget: the in-context refinement of the node
+            ranking that ends the fit (:mod:`~tl_noise.fitting.refine`; ``refine_window=0``
+            skips it); ``tn.node_importance(noise)`` then returns the refined ranking.
         callbacks: extra :class:`~tl_noise.fitting.callbacks.Callback` objects.
 
     Returns:
@@ -91,7 +100,8 @@ def fit(
         objective=objective, mode=mode, alpha=alpha, budget=budget, steps=steps, lr=lr,
         batch_size=batch_size, seed=seed, noise_loss_kind=noise_loss_kind,
         checkpoint_every=checkpoint_every, log_every=log_every, budget_lr=budget_lr,
-        clean_cache_mb=clean_cache_mb,
+        clean_cache_mb=clean_cache_mb, stable_window=stable_window, refine_window=refine_window,
+        refine_examples=refine_examples, refine_budget=refine_budget,
     )  # fmt: skip
     resolve_objective(config.objective, data.metric)
     if not noise.attached:
@@ -113,10 +123,12 @@ def fit(
         trainer.restore(checkpoint)
         if writer:
             writer.truncate_history(trainer.start)
+    refine = [RefineRanking(refine_window, refine_examples, refine_budget)] if refine_window else []
     trainer.callbacks = [
         *callbacks,
         *([distributed.DataParallel(ctx)] if ctx.active else []),
         ProgressBar(disable=quiet or not ctx.is_main),
+        *refine,  # before the run directory, which saves the refined ranking with the noise
         *([RunDirectory(writer)] if writer else []),
     ]
     result = trainer.fit()

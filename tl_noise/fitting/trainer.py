@@ -29,12 +29,13 @@ from torch import Tensor
 from tl_noise.devices import model_device
 from tl_noise.errors import TLNoiseFloatingPointError
 from tl_noise.fitting.callbacks import Callback
-from tl_noise.fitting.checkpoint import Checkpoint, load_optimizer
+from tl_noise.fitting.checkpoint import Checkpoint, load_optimizer, optimizer_meta
 from tl_noise.fitting.combiners import make_combiner
 from tl_noise.fitting.config import FitConfig
 from tl_noise.fitting.inputs import FitData
 from tl_noise.fitting.objectives import noise_loss, resolve_objective
 from tl_noise.fitting.records import make_record
+from tl_noise.fitting.stability import RankingStability
 from tl_noise.fitting.task_losses import (
     CETaskLoss,
     CleanTargets,
@@ -57,6 +58,8 @@ class FitResult:
     run_dir: Path | None = None
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    node_scores: dict[str, float] | None = None  # the refined ranking, when the fit made one
+    stopped_at: int | None = None  # the step count at which the ranking was stable
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -142,6 +145,20 @@ class Trainer:
         self.has_estimator = any(layer.estimator is not None for layer in self.layers)
         self.start = 0
         self.history: list[dict[str, Any]] = []
+        self.stability = RankingStability(config.stable_window)
+        self.stopping = False  # set when the ranking is stable: this step is the last
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps besides the noise: optimizer, mode and stability state."""
+        return {
+            "optimizer": optimizer_meta(self.optimizer),
+            **self.combiner.state(),
+            "stability": self.stability.state(),
+        }
+
+    def last_step(self, step: int) -> bool:
+        """Whether ``step`` is the fit's last (the step count, or a stable ranking)."""
+        return self.stopping or step + 1 == self.config.steps
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Continue from a checkpoint: noise parameters, optimizer and the mode's state."""
@@ -149,6 +166,7 @@ class Trainer:
         self.noise.load_state_dict(loaded.state_dict())
         load_optimizer(self.optimizer, state["optimizer"], opt_tensors)
         self.combiner.load_state(state)
+        self.stability.load_state(state.get("stability"))
         self.start = start
 
     def _batch(self, step: int) -> dict[str, Tensor]:
@@ -188,7 +206,9 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.combiner.update(task_value)
-        if not (step % cfg.log_every == 0 or step == cfg.steps - 1):
+        if cfg.stable_window:
+            self.stopping = self.stability.update(self.noise)
+        if not (step % cfg.log_every == 0 or self.last_step(step)):
             return None
         grads = (g_noise, g_task, g)
         record = make_record(
@@ -211,6 +231,8 @@ class Trainer:
                 record = self.step(step)
                 for cb in self.callbacks:
                     cb.on_step_end(self, step, record)
+                if self.stopping:
+                    break
         except BaseException as err:
             for cb in self.callbacks:
                 cb.on_error(self, step, err)
@@ -221,6 +243,7 @@ class Trainer:
             history=self.history,
             importance=safe_importance(self.noise),
             seconds=time.time() - began,
+            stopped_at=step + 1 if self.stopping else None,
         )
         for cb in self.callbacks:
             cb.on_fit_end(self, result)
