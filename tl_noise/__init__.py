@@ -4,8 +4,13 @@ Attach noise layers to a model's hook points, fit them so the noise is as large 
 the model's behaviour is preserved, and read off which heads the behaviour depends on:
 
 >>> import tl_noise as tn
+>>> model = tn.load_embedded_model()  # or any TransformerLens model: tn.load_model("gpt2")
 >>> noise = tn.attach_noise(model, "blocks.*.attn.hook_z", granularity="head")
->>> tn.head_importance(noise)        # [n_layers, n_heads], higher = more important
+>>> tn.head_importance(noise).shape  # [n_layers, n_heads], higher = more important
+torch.Size([2, 4])
+>>> noise.remove()
+
+``tn.fit(model, noise, task)`` fits the noise on a task (``tl_noise.tasks``).
 
 Data flows one way: model -> hooks -> noise layers -> objective -> trainer -> run directory ->
 dashboard / notebooks.
@@ -49,6 +54,7 @@ from tl_noise.scaling.parametrizations import (
     Parametrization,
     Standard,
 )
+from tl_noise.runs.circuits import load_circuit, save_circuit
 from tl_noise.tasks import Task
 
 __version__ = "0.1.0"  # the only place the version is spelled (pyproject.toml reads it)
@@ -81,10 +87,12 @@ __all__ = [
     "calculate_equivalent_alpha_and_scaling_factor",
     "head_importance",
     "load_embedded_model",
+    "load_circuit",
     "load_model",
     "node_importance",
     "order_tensors_by_norm",
     "project_out_smaller_tensor",
     "resolve_hook_names",
+    "save_circuit",
     "vector_projection",
 ]
