@@ -48,13 +48,13 @@ from tl_noise.noise.parameterizations import (
     SoftplusStandardDeviationParameterization,
     StandardDeviationParameterization,
 )
+from tl_noise.runs.circuits import load_circuit, save_circuit
 from tl_noise.scaling.parametrizations import (
     MaximalUpdate,
     NeuralTangent,
     Parametrization,
     Standard,
 )
-from tl_noise.runs.circuits import load_circuit, save_circuit
 from tl_noise.tasks import Task
 
 __version__ = "0.1.0"  # the only place the version is spelled (pyproject.toml reads it)
