@@ -12,9 +12,18 @@ position: mean ablation) or ``[n, pos, n_heads, d_head]`` (row ``i`` for example
 task: resample ablation, activation patching). The hooks return a new tensor and are
 registered through ``model.hooks`` / ``run_with_hooks``, so the model is unchanged afterwards.
 
+>>> from tl_noise.models import load_embedded_model
+>>> from tl_noise.tasks import induction_task
+>>> model = load_embedded_model()
+>>> task = induction_task(model.cfg.d_vocab, n=32, seq_len=model.cfg.n_ctx, bos=0)
+>>> heads = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.bool)
+>>> for layer, head in model.ground_truth["induction"]:
+...     heads[layer, head] = True
 >>> with ablate_heads(model, heads, "mean", task.tokens):
 ...     logits = model(task.tokens)
->>> task_loss(model, task, patch=ablate_heads(model, heads, "resample", task.tokens))
+>>> clean = task_loss(model, task)
+>>> task_loss(model, task, patch=ablate_heads(model, heads, "resample", task.tokens)) > clean + 1
+True
 """
 
 from __future__ import annotations

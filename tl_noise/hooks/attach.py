@@ -1,8 +1,17 @@
 """``attach_noise``: insert learnable noise at a model's hook points.
 
+>>> from tl_noise.models import load_embedded_model
+>>> model = load_embedded_model()
+>>> tokens = torch.randint(0, model.cfg.d_vocab, (2, 8))
+>>> clean = model(tokens)
 >>> noise = attach_noise(model, "blocks.*.attn.hook_z", granularity="head")
 >>> noise.stds()["blocks.0.attn.hook_z"].shape      # [n_heads]
->>> noise.remove()                                   # outputs are bit-identical to before
+torch.Size([4])
+>>> torch.equal(model(tokens), clean)               # the noise is sampled at every forward pass
+False
+>>> noise.remove()
+>>> torch.equal(model(tokens), clean)               # outputs are bit-identical to before
+True
 """
 
 from __future__ import annotations

@@ -7,9 +7,17 @@ tensor, which replaces the activation. On the bridge, ``hook_z`` is a reshaped v
 projection's input; the HookPoint converts it to ``[batch, pos, n_heads, d_head]`` before our hook
 and back afterwards, so the same layer works on both versions.
 
->>> noise = attach_noise(model, "blocks.*.attn.hook_z", granularity="head")
->>> noise.stds()["blocks.0.attn.hook_z"].shape      # [n_heads]
->>> noise.remove()                                   # outputs are bit-identical to before
+:func:`~tl_noise.hooks.attach_noise` builds the :class:`NoiseHooks`; as a context manager they
+come off again at the end of the block:
+
+>>> from tl_noise.hooks import attach_noise
+>>> from tl_noise.models import load_embedded_model
+>>> model = load_embedded_model()
+>>> with attach_noise(model, "blocks.*.attn.hook_z", granularity="head") as noise:
+...     sorted(noise.stds()), noise.mode
+(['blocks.0.attn.hook_z', 'blocks.1.attn.hook_z'], 'sample')
+>>> noise.attached
+False
 """
 
 from __future__ import annotations

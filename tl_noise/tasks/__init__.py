@@ -3,9 +3,16 @@
 Each builder returns a :class:`Task` (tokens, the positions whose predictions count, and a metric
 that is a loss: lower is better). :func:`make_task` builds one by name for a model:
 
+>>> from tl_noise.models import load_embedded_model
+>>> model = load_embedded_model()
 >>> task = make_task("induction", model, n=128)          # vocabulary and n_ctx from model.cfg
->>> task = make_task("ioi", model)                        # prompts for model.tokenizer
->>> task = make_task("text", model, path="corpus.txt")
+>>> task.tokens.shape, task.loss_mask.shape
+(torch.Size([128, 32]), torch.Size([128, 32]))
+
+The text tasks tokenize with ``model.tokenizer`` (a pretrained model's, e.g. GPT-2's)::
+
+    task = make_task("ioi", model)                        # prompts for model.tokenizer
+    task = make_task("text", model, path="corpus.txt")
 """
 
 from __future__ import annotations
