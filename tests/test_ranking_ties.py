@@ -7,6 +7,7 @@ importance matrix, and of a run directory: ``summary.json``'s ``"ranking"``, the
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
@@ -75,16 +76,19 @@ def tied_run(tiny_model, data, tmp_path_factory):
 
     The rhos are set to three values before a fit whose learning rate is far below the rhos'
     float32 resolution, so the fit writes every file of a run but the stds stay exactly tied.
+    The in-context refinement of the ranking at the end of a fit (``refine_window``, where
+    ``fit`` has it) is switched off: it replaces ``-log std`` by refined scores, without ties.
     """
     model, (tokens, mask) = tiny_model, data
     run_dir = tmp_path_factory.mktemp("ties") / "run"
     pattern = {0: [0.5, 0.25, 0.5, 0.75], 1: [0.25, 0.5, 0.75, 0.5]}  # 3 groups, interleaved
+    no_refine = {"refine_window": 0} if "refine_window" in inspect.signature(fit).parameters else {}
     with tn.attach_noise(model, HOOKS, granularity="head", calibration_tokens=tokens) as noise:
         with torch.no_grad():
             for layer, rhos in pattern.items():
                 noise.layer(f"blocks.{layer}.attn.hook_z").rhos.copy_(torch.tensor(rhos))
         result = fit(model, noise, tokens, loss_mask=mask, steps=2, lr=1e-30, batch_size=8,
-                     run_dir=run_dir, quiet=True)  # fmt: skip
+                     run_dir=run_dir, quiet=True, **no_refine)  # fmt: skip
     return run_dir, result
 
 
