@@ -150,3 +150,16 @@ def test_head_importance_is_the_heads_part_of_node_importance():
     assert scores["hook_embed"] == pytest.approx(
         -stds["hook_embed"].double().log().mean().item(), rel=1e-6
     )
+
+
+def test_the_mlp_glob_may_match_nothing_on_an_attention_only_model():
+    model = freeze(build_native_model({**TINY, "attn_only": True, "d_mlp": None}))
+    tokens, _ = tiny_data()
+    hooks = ["blocks.*.attn.hook_z", "blocks.*.hook_mlp_out"]
+    with tn.attach_noise(model, hooks, calibration_tokens=tokens) as noise:
+        assert noise.hook_names == ["blocks.0.attn.hook_z", "blocks.1.attn.hook_z"]
+        assert not any(n.startswith("m") for n in tn.node_importance(noise))
+    with pytest.raises(ValueError, match="none of the patterns"):
+        tn.attach_noise(model, ["blocks.*.hook_mlp_out", "blocks.*.mlp.hook_post"])
+    with pytest.raises(ValueError, match="unknown hook point 'blocks.0.hook_mlp_out'"):
+        tn.attach_noise(model, ["blocks.*.attn.hook_z", "blocks.0.hook_mlp_out"])

@@ -60,7 +60,8 @@ def resolve_hook_names(model: Any, hooks: HookSpec) -> list[str]:
     """Expand exact names, glob patterns (``"blocks.*.attn.hook_z"``) or a predicate.
 
     Names that refer to the same HookPoint (the bridge's aliases) are kept once. Unknown names
-    raise a ValueError listing the closest valid names.
+    raise a ValueError listing the closest valid names; in a list, a glob pattern may match
+    nothing (``"blocks.*.hook_mlp_out"`` on an attention-only model) as long as another matches.
     """
     check_model(model)
     hook_dict = model.hook_dict
@@ -85,16 +86,21 @@ def _match_specs(
     if not specs or not all(isinstance(s, str) for s in specs):
         raise TypeError(f"hooks={hooks!r}; expected a name, a glob pattern, a list, or a callable")
     matched: list[str] = []
+    empty_patterns = []
     for spec in specs:
-        if any(c in spec for c in "*?["):
-            found = fnmatch.filter(all_names, spec)
-        else:
-            found = [spec] if spec in hook_dict else []
+        pattern = any(c in spec for c in "*?[")
+        found = fnmatch.filter(all_names, spec) if pattern else [spec] * (spec in hook_dict)
+        if not found and pattern and len(specs) > 1:
+            # one of several patterns may match nothing (the MLP glob on an attention-only model)
+            empty_patterns.append(spec)
+            continue
         if not found:
             close = difflib.get_close_matches(spec, all_names, n=5, cutoff=0.5)
             hint = f"; closest: {', '.join(close)}" if close else ""
             raise ValueError(f"unknown hook point {spec!r}{hint}")
         matched.extend(n for n in found if n not in matched)
+    if not matched:
+        raise ValueError(f"none of the patterns {empty_patterns} matches a hook point")
     return matched
 
 
