@@ -36,7 +36,7 @@ from tl_noise.errors import TLNoiseValueError
 from tl_noise.fitting.callbacks import Callback
 from tl_noise.hooks import NoiseHooks, head_importance, std_node_scores
 from tl_noise.hooks.ablation import ablation_hooks, eval_batches, node_means, target_log_probs
-from tl_noise.names import parse_node
+from tl_noise.names import node_sort_key, parse_node
 
 Metric = Callable[[Tensor, dict[str, Tensor]], Tensor]
 
@@ -93,9 +93,10 @@ class Refinement:
     exhausted_budget: bool = False
 
     def scores(self) -> dict[str, float]:
-        """``{node: N - rank}``: higher = more important, in the refined order."""
+        """``{node: N - rank}`` in node order (higher = more important)."""
         n = len(self.ranking)
-        return {node: float(n - i) for i, node in enumerate(self.ranking)}
+        rank = {node: float(n - i) for i, node in enumerate(self.ranking)}
+        return {node: rank[node] for node in sorted(rank, key=node_sort_key)}
 
     def info(self) -> dict[str, Any]:
         return {
