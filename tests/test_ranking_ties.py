@@ -114,3 +114,24 @@ def test_every_view_of_a_run_lists_tied_heads_alike(tied_run, capsys):
     shown = re.findall(r"^\s*\d+\s+L(\d+)H(\d+)\s", capsys.readouterr().out, flags=re.M)
     views["tl-noise show"] = [(int(layer), int(head)) for layer, head in shown]
     assert {name: order for name, order in views.items() if order != expected} == {}
+
+
+def test_the_dashboard_table_and_show_list_the_refined_ranking(tiny_model, data, tmp_path, capsys):
+    pytest.importorskip("pandas")
+    from tl_noise.cli.main import main
+    from tl_noise.runs import Run
+
+    tokens, mask = data
+    with tn.attach_noise(tiny_model, HOOKS, calibration_tokens=tokens) as noise:
+        fit(tiny_model, noise, tokens, loss_mask=mask, steps=3, batch_size=8,
+            run_dir=tmp_path / "run", quiet=True)  # fmt: skip
+        scores = tn.node_importance(noise)
+    assert noise.node_scores is not None  # the default fit refined its ranking
+    expected = [(int(n[1]), int(n[4])) for n in sorted(scores, key=lambda n: -scores[n])]
+    frame = Run(tmp_path / "run").ranking_frame().to_dict("records")
+    assert from_rows(frame) == expected
+    assert [r["importance"] for r in frame] == sorted(scores.values(), reverse=True)
+    capsys.readouterr()
+    assert main(["show", str(tmp_path / "run"), "--top", "100"]) == 0
+    shown = re.findall(r"^\s*\d+\s+L(\d+)H(\d+)\s", capsys.readouterr().out, flags=re.M)
+    assert [(int(a), int(b)) for a, b in shown] == expected

@@ -85,12 +85,17 @@ class RunFrames:
 
     def ranking_frame(self, step: int | None = None) -> Any:
         """pandas DataFrame of heads, most important first: rank, layer, head, std, importance
-        (``-log std``) and, when the run knows its circuit, the ground-truth class ("" if none).
+        and, when the run knows its circuit, the ground-truth class ("" if none).
+
+        ``importance``: for the final step, the fit's own answer when it recorded one
+        (``summary.json``'s ``node_importance``, e.g. the refined ranking; the same order as
+        ``tl-noise show``), else ``-log std``.
         """
         import pandas as pd
 
         std = self.head_std_matrix(step)
-        importance = -std.log()
+        importance = self.fitted_head_importance() if step is None else None
+        importance = -std.log() if importance is None else importance
         truth = self.ground_truth() or {}
         label = {(int(l_), int(h)): cls for cls, heads in truth.items() for l_, h in heads}
         rows: list[dict[str, Any]] = []
@@ -110,3 +115,22 @@ class RunFrames:
             rows.append(row)
         columns = ["rank", "layer", "head", "std", "importance"] + (["ground_truth"] * bool(truth))
         return pd.DataFrame(rows, columns=columns)
+
+    def fitted_head_importance(self) -> Any:
+        """``[n_layers, n_heads]`` of the fit's recorded node importance (NaN for heads it does
+        not score), or None when the summary has none."""
+        import torch
+
+        try:
+            scores = (self.summary() or {}).get("node_importance")
+        except ValueError:
+            return None
+        if not isinstance(scores, dict):
+            return None
+        out = torch.full((self.n_layers, self.n_heads), NAN)
+        for layer in range(self.n_layers):
+            for head in range(self.n_heads):
+                value = scores.get(f"a{layer}.h{head}")
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    out[layer, head] = float(value)
+        return None if bool(out.isnan().all()) else out
