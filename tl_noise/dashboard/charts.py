@@ -63,7 +63,7 @@ def heatmap(
     if values.ndim != 2:
         raise ValueError(f"heatmap needs a 2-D tensor, got shape {list(values.shape)}")
     rows, cols = values.shape
-    y = list(y_labels) if y_labels is not None else list(range(rows))
+    y: list[str | int] = list(y_labels) if y_labels is not None else list(range(rows))
     z = values.abs().log10() if scale == "log" else values
     colorbar: dict[str, Any] = {"title": {"text": label}}
     kwargs: dict[str, Any] = {"colorscale": "Viridis"}

@@ -334,11 +334,12 @@ def register_parameterization(cls: type[_P]) -> type[_P]:
     return cls
 
 
-for _cls in (
+_BUILTIN: tuple[type[StandardDeviationParameterization], ...] = (
     CloakStandardDeviationParameterization,
     DirectStandardDeviationParameterization,
     SoftplusStandardDeviationParameterization,
-):
+)
+for _cls in _BUILTIN:
     register_parameterization(_cls)
 
 

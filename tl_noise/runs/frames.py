@@ -15,13 +15,16 @@ if TYPE_CHECKING:
 
 
 class RunFrames:
-    """The frame methods of :class:`~tl_noise.runs.Run` (which supplies ``history()``,
-    ``_cached``, ``_head_view``, ``_stds_of``, ``head_std_matrix`` and ``ground_truth``)."""
+    """The frame methods of :class:`~tl_noise.runs.Run` (which supplies ``n_layers``,
+    ``n_heads``, ``history()``, ``summary()``, ``_cached``, ``_head_view``, ``_stds_of``,
+    ``head_std_matrix`` and ``ground_truth``)."""
 
+    n_layers: int
     n_heads: int
 
     if TYPE_CHECKING:  # supplied by Run; declared here for the type checker only
         def history(self) -> list[dict[str, Any]]: ...
+        def summary(self) -> dict[str, Any] | None: ...
         def _cached(self, key: Any, compute: Callable[[], Any]) -> Any: ...
         def _head_view(self, stds: dict[str, Tensor]) -> dict[str, Tensor]: ...
         def _stds_of(self, record: dict[str, Any], step: int) -> dict[str, Tensor]: ...
