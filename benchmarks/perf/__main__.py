@@ -1,0 +1,5 @@
+"""``python -m benchmarks.perf``."""
+
+from benchmarks.perf.cli import main
+
+main()
