@@ -114,6 +114,7 @@ def _common_fit_args(parser: argparse.ArgumentParser, steps: int) -> None:
     parser.add_argument("--n-examples", type=int, default=256, help="generated task examples")
     parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/<name>-<time>")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    parser.add_argument("--force", action="store_true", help="replace a run already in --run-dir")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -121,7 +122,8 @@ def _fit_from_args(model: Any, task: Any, args: argparse.Namespace, prefix: str)
     import tl_noise as tn
     from tl_noise.fitting import fit
 
-    param = make_parameterization(args.parameterization, *args.scale, args.shallow)
+    low, high = args.scale
+    param = make_parameterization(args.parameterization, low, high, args.shallow)
     noise = tn.attach_noise(
         model,
         args.hooks,
@@ -138,6 +140,7 @@ def _fit_from_args(model: Any, task: Any, args: argparse.Namespace, prefix: str)
             task,
             run_dir=run_dir,
             resume=args.resume,
+            overwrite=args.force,
             quiet=args.quiet,
             **config_kwargs(args),
         )
@@ -195,6 +198,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from tl_noise.ranking import rank_heads
     from tl_noise.tasks import make_task
 
+    check_device(args.device)
+    check_model_path(args.model)
     model = tn.load_model(args.model, device=args.device)
     model.eval()
     for p in model.parameters():
@@ -213,16 +218,55 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_device(device: str | None) -> None:
+    """ValueError naming ``--device`` when this torch build or machine does not have it."""
+    import torch
+
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"--device {device!r}: {err}") from None
+    available = {
+        "cuda": torch.cuda.is_available,
+        "mps": lambda: torch.backends.mps.is_available(),
+    }.get(dev.type, lambda: True)
+    if not available():
+        raise ValueError(
+            f"--device {device!r}: {dev.type} is not available (this torch build has no "
+            f"{dev.type} support or no such device is visible); use --device cpu"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device!r}: there are {torch.cuda.device_count()} CUDA devices")
+
+
+def check_model_path(name: str) -> None:
+    """A model given as a path (``./m``, ``/m``, ``~/m``) must exist."""
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise ValueError(f"model path {name!r} does not exist")
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     from tl_noise.io import read_json
+    from tl_noise.runs.format import config_problem
 
-    summary = read_json(Path(args.run_dir) / "summary.json", "run summary")
-    config = read_json(Path(args.run_dir) / "config.json", "run config")
-    print(
-        f"run {args.run_dir}: model {config['model']['name']}, mode {config['fit']['mode']}, "
-        f"objective {config['fit']['objective']}, {config['fit']['steps']} steps"
-    )
-    print(ranking_table(summary.get("ranking", []), config["model"].get("ground_truth"), args.top))
+    run = Path(args.run_dir)
+    summary = read_json(run / "summary.json", "run summary")
+    config = read_json(run / "config.json", "run config")
+    problem = config_problem(config) or ("" if isinstance(summary, dict) else "summary")
+    try:
+        if problem:
+            raise ValueError(problem)
+        fit = config.get("fit") or {}
+        print(
+            f"run {args.run_dir}: model {config['model'].get('name')}, mode {fit.get('mode')}, "
+            f"objective {fit.get('objective')}, {fit.get('steps')} steps"
+        )
+        ground_truth = config["model"].get("ground_truth")
+        print(ranking_table(summary.get("ranking") or [], ground_truth, args.top))
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"run {str(run)!r} is damaged ({type(err).__name__}: {err})") from None
     return 0
 
 
@@ -264,8 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from tl_noise.cli.app import add_app_parser
     except ImportError:  # the dashboard extra is not installed
-        add_app_parser = None
-    if add_app_parser is not None:
+        pass
+    else:
         add_app_parser(sub)
     return parser
 
@@ -274,8 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"tl-noise {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as err:  # OSError: a model that cannot be loaded
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"tl-noise {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -173,7 +173,9 @@ def _alphaless(noise: Vector, task: Vector) -> list[Tensor]:
     # Task first: on exactly equal norms the task gradient is the one kept whole.
     smaller, larger, _ = _order(task, noise)
     projection = _project(larger, smaller)
-    terms = [(1.0, smaller), (1.0, larger), (-projection.k, projection.unit)]
+    terms: list[tuple[Tensor | float, Vector]] = [
+        (1.0, smaller), (1.0, larger), (-projection.k, projection.unit)
+    ]
     return _combine(terms, like=(noise, task))
 
 

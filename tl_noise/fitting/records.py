@@ -51,7 +51,9 @@ def head_gradient_stats(noise: NoiseHooks, n: Grads, t: Grads, g: Grads) -> dict
         groups.setdefault((nn_.device, *nn_.shape), []).append((name, nn_, tt, gg))
     out: dict[str, Tensor] = {}
     for members in groups.values():
-        nn_, tt, gg = (torch.stack([m[i] for m in members]) for i in (1, 2, 3))
+        nn_ = torch.stack([m[1] for m in members])
+        tt = torch.stack([m[2] for m in members])
+        gg = torch.stack([m[3] for m in members])
         n_norm, t_norm = nn_.norm(dim=-1), tt.norm(dim=-1)
         dot = (nn_ * tt).sum(-1)
         cosine = dot / (n_norm * t_norm).clamp_min(1e-30)

@@ -135,7 +135,7 @@ class Trainer:
     ) -> None:
         self.model, self.noise, self.data, self.config = model, noise, data, config
         self.callbacks = list(callbacks)
-        self.params = [p for p in noise.parameters() if p.requires_grad]
+        self.params: list[Tensor] = [p for p in noise.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(noise.param_groups(config.lr))
         self.combiner = make_combiner(config.mode, config.alpha, config.budget, config.budget_lr)
         self.task_loss = make_task_loss(config, model, noise, data)
