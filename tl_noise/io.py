@@ -167,12 +167,115 @@ def write_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> 
     atomic_write_bytes(path, tensor_bytes(tensors))
 
 
-def read_tensors(path: str | os.PathLike, what: str = "file") -> dict[str, torch.Tensor]:
-    """Read a safetensors file; ValueError naming the file when it is missing or corrupt."""
-    path = Path(path)
+MAX_TENSOR_BYTES = 4 * 2**30
+MAX_TENSOR_HEADER_BYTES = 100 * 2**20  # the safetensors format's own limit
+DTYPE_BYTES = (
+    dict.fromkeys(("BOOL", "U8", "I8", "F8_E4M3", "F8_E5M2"), 1)
+    | dict.fromkeys(("U16", "I16", "F16", "BF16"), 2)
+    | dict.fromkeys(("U32", "I32", "F32"), 4)
+    | dict.fromkeys(("U64", "I64", "F64"), 8)
+)
+
+
+def _corrupt(what: str, path: Path, reason: str) -> ValueError:
+    return ValueError(f"{what} {str(path)!r} is truncated or corrupt: {reason}")
+
+
+def tensor_header(path: str | os.PathLike, what: str = "file") -> dict[str, tuple[str, list[int]]]:
+    """The tensors a safetensors file holds, ``name -> (dtype, shape)``, from its header alone
+    (the first 8 bytes: the header's length, little-endian; then the JSON header); ValueError
+    naming the file when it is missing or the header is malformed. Reads no tensor data."""
+    return _header(Path(path), what)[1]
+
+
+def _header(path: Path, what: str) -> tuple[int, dict[str, tuple[str, list[int]]]]:
+    """``(bytes of data after the header, tensors)`` of a safetensors file."""
     if not path.is_file():
         raise ValueError(f"{what} {str(path)!r} does not exist")
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        start = handle.read(8)
+        length = int.from_bytes(start, "little") if len(start) == 8 else -1
+        if not 2 <= length <= min(MAX_TENSOR_HEADER_BYTES, size - 8):
+            raise _corrupt(what, path, f"a header of {length} bytes in a file of {size} bytes")
+        raw = handle.read(length)
     try:
-        return load_safetensors_bytes(path.read_bytes())
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+        raise _corrupt(what, path, f"the header is not JSON ({err})") from err
+    if not isinstance(header, dict):
+        raise _corrupt(what, path, "the header is not a JSON object")
+    out: dict[str, tuple[str, list[int]]] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        ok = isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+        if not (ok and dtype in DTYPE_BYTES):
+            raise _corrupt(what, path, f"tensor {name!r} has dtype {dtype!r}, shape {shape!r}")
+        out[name] = (dtype, shape)
+    return size - 8 - length, out
+
+
+def tensor_data_bytes(header: dict[str, tuple[str, list[int]]]) -> int:
+    """Bytes of tensor data a :func:`tensor_header` describes."""
+    total = 0
+    for dtype, shape in header.values():
+        count = 1
+        for dim in shape:
+            count *= dim
+        total += count * DTYPE_BYTES[dtype]
+    return total
+
+
+def _amount(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+def _too_big(what: str, path: Path, size: str, limit: int, why: str) -> ValueError:
+    return ValueError(
+        f"{what} {str(path)!r} {size}, more than the limit of {_amount(limit)} of tensors "
+        f"({why}); tl-noise did not write it, or it is damaged"
+    )
+
+
+def _read_file(path: Path) -> bytes:
+    """The one place tensor files are read whole (tests count the reads)."""
+    return path.read_bytes()
+
+
+def read_tensor_file(
+    path: str | os.PathLike,
+    what: str = "file",
+    limit: int = MAX_TENSOR_BYTES,
+    why: str = "the most tl-noise reads",
+) -> tuple[bytes, dict[str, torch.Tensor]]:
+    """``(bytes, tensors)`` of a safetensors file, read once (the bytes serve for a checksum).
+
+    The sizes are checked before anything but the header is read: the file and the tensors its
+    header declares must stay within ``limit`` bytes of data (``why`` says where the limit comes
+    from); ValueError naming the file and the limit otherwise, or when it is missing or corrupt.
+    """
+    path = Path(path)
+    if path.is_file() and path.stat().st_size - 8 - MAX_TENSOR_HEADER_BYTES > limit:
+        size = f"is {_amount(path.stat().st_size)}"
+        raise _too_big(what, path, size, limit, why)  # before reading a byte
+    data_size, header = _header(path, what)  # missing or malformed: named
+    declared = tensor_data_bytes(header)
+    if max(declared, data_size) > limit:
+        size = f"declares {_amount(declared)} of tensors in {_amount(data_size)} of data"
+        raise _too_big(what, path, size, limit, why)
+    data = _read_file(path)
+    try:
+        return data, load_safetensors_bytes(data)
     except (SafetensorError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{what} {str(path)!r} is truncated or corrupt: {err}") from err
+        raise _corrupt(what, path, str(err)) from err
+
+
+def read_tensors(
+    path: str | os.PathLike, what: str = "file", limit: int = MAX_TENSOR_BYTES
+) -> dict[str, torch.Tensor]:
+    """Read a safetensors file of at most ``limit`` bytes of tensors, checked from its header
+    before the data is read; ValueError naming the file when it is missing, corrupt or larger."""
+    return read_tensor_file(path, what, limit)[1]

@@ -40,9 +40,10 @@ from tl_noise.hooks.calibration import (
     remove_hook,
 )
 from tl_noise.hooks.selection import check_model
-from tl_noise.io import atomic_write_files, json_bytes, read_json, read_tensors, tensor_bytes
+from tl_noise.io import atomic_write_files, json_bytes, read_json, read_tensor_file, tensor_bytes
 from tl_noise.names import module_key
 from tl_noise.noise.layer import NoiseLayer, check_noise_mode
+from tl_noise.noise.sizing import check_noise_config_size
 from tl_noise.scaling.groups import param_groups
 
 FINGERPRINT_FIELDS = (
@@ -325,15 +326,18 @@ class NoiseHooks(nn.Module):
         """Load noise saved with :meth:`save` onto ``model`` (never unpickles)."""
         path = Path(path)
         config = read_json(path / CONFIG_FILE, "noise config")
-        state = read_tensors(path / STATE_FILE, "noise state")
         expected = config.get("state_sha256") if isinstance(config, dict) else None
-        if expected and hashlib.sha256((path / STATE_FILE).read_bytes()).hexdigest() != expected:
-            raise ValueError(f"{str(path / STATE_FILE)!r} does not match its config (checksum)")
+        check_noise_config_size(config, str(path / CONFIG_FILE))  # before anything is allocated
         try:
             hooks = cls.from_config(config, model)
         except ValueError as err:
             raise ValueError(f"cannot load the noise in {str(path)!r}: {err}") from err
-        own = hooks.state_dict()
+        own = hooks.state_dict()  # the state file may hold at most these tensors, as float64
+        limit = sum(8 * max(1, v.numel()) for v in own.values())
+        why = "the size of the noise its config describes"
+        data, state = read_tensor_file(path / STATE_FILE, "noise state", limit, why)
+        if expected and hashlib.sha256(data).hexdigest() != expected:  # the bytes read once
+            raise ValueError(f"{str(path / STATE_FILE)!r} does not match its config (checksum)")
         bad = sorted(set(own) ^ set(state))
         if bad:
             raise ValueError(f"noise state in {str(path)!r} has missing/unexpected tensors: {bad}")
