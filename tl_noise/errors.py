@@ -25,3 +25,14 @@ class TLNoiseTypeError(TLNoiseError, TypeError):
 
 class TLNoiseFloatingPointError(TLNoiseError, FloatingPointError):
     """A non-finite loss or activation: the last finite state is kept."""
+
+
+class RunFileError(TLNoiseValueError):
+    """A file of a run directory that is not what tl-noise writes (malformed, oversized, a
+    symbolic link): ``file`` is the file, ``field`` the part of it that is wrong ("" for the
+    whole file). The dashboard shows it as a message."""
+
+    def __init__(self, message: str, file: str = "", field: str = "") -> None:
+        super().__init__(message)
+        self.file = file
+        self.field = field

@@ -27,7 +27,11 @@ partial history line. A history record holds::
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
+
+from tl_noise.errors import RunFileError
 
 RUN_FORMAT = "tl-noise/run"
 CONFIG = "config.json"
@@ -68,6 +72,27 @@ def config_problem(config: Any) -> str:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             return f"has model.fingerprint.{field}={value!r}; expected an int > 0"
     return ""
+
+
+def checkpoint_folder(root: str | os.PathLike, name: Any) -> Path:
+    """``root / name`` for the ``path`` of ``checkpoints/latest.json``: RunFileError unless
+    ``name`` is a plain child name (no separator, not absolute, not ``..``, not hidden) and the
+    folder is not a symbolic link, so a pointer can never lead out of its run's checkpoints."""
+    root = Path(root)
+    plain = isinstance(name, str) and name not in ("", ".", "..") and not name.startswith(".")
+    if not plain or "/" in name or "\\" in name or "\0" in name or os.sep in name:
+        raise RunFileError(
+            f"{str(root / 'latest.json')!r}: path is {name!r}; expected the name of a folder in "
+            f"{str(root)!r}",
+            str(root / "latest.json"),
+            "path",
+        )
+    folder = root / name
+    if folder.is_symlink():
+        raise RunFileError(
+            f"checkpoint {str(folder)!r} is a symbolic link; not followed", str(folder)
+        )
+    return folder
 
 
 NAN = float("nan")

@@ -13,10 +13,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tl_noise.errors import RunFileError
 from tl_noise.hooks.noise_hooks import CONFIG_FILE, STATE_FILE
-from tl_noise.io import read_json, read_tensors
+from tl_noise.io import read_tensor_file
 from tl_noise.names import hook_kind, hook_layer, is_head_hook
 from tl_noise.noise.layer import NoiseLayer
+from tl_noise.noise.sizing import check_noise_config_size
 from tl_noise.ranking import head_stds
 from tl_noise.runs.format import (
     CONFIG,
@@ -28,10 +30,19 @@ from tl_noise.runs.format import (
     STATUS,
     SUMMARY,
     as_float,
-    config_problem,
 )
 from tl_noise.runs.frames import RunFrames
-from tl_noise.runs.history import read_history, stds_from_record
+from tl_noise.runs.history import HistoryReader, stds_from_record
+from tl_noise.runs.schema import (
+    check_config,
+    check_record,
+    check_status,
+    faithfulness_of,
+    ground_truth_of,
+    read_run_json,
+    record_shapes,
+    refuse_links,
+)
 
 
 class Run(RunFrames):
@@ -39,8 +50,12 @@ class Run(RunFrames):
 
     ``Run(path)`` reads and checks ``config.json`` at once (ValueError naming the path when the
     directory is missing, partial or corrupt); everything else is read on demand, so a run that
-    is still being written can be read repeatedly. History is re-read only when the file changed
-    and a trailing partial line is skipped (:func:`read_history`).
+    is still being written can be read repeatedly. Every file is checked against the schema of
+    :mod:`tl_noise.runs.schema` (:class:`~tl_noise.errors.RunFileError`, a ValueError, naming
+    the file and the field) and read without following symbolic links. History is read
+    incrementally (only the bytes appended since the last read; from the start again when a
+    resumed run cut it back); a trailing partial line and damaged lines are skipped and counted,
+    and fields that fail the schema are dropped from their record (:meth:`history_problems`).
 
     Per-head views are ``[n_layers, n_heads]`` tensors; a head's std is the geometric mean over
     the per-head hooks of its layer (:func:`tl_noise.analysis.head_stds`), NaN where the run
@@ -52,19 +67,19 @@ class Run(RunFrames):
         where = str(self.path)
         if not self.path.is_dir():
             raise ValueError(f"run directory {where!r} does not exist")
+        file = self.path / CONFIG
         try:
-            config = read_json(self.path / CONFIG, "run config")
-        except ValueError as err:
-            raise ValueError(f"{where!r} is not a readable tl-noise run: {err}") from err
-        problem = config_problem(config)
-        if problem:
-            raise ValueError(f"{where!r} is not a readable tl-noise run: config.json {problem}")
+            config = check_config(read_run_json(file, "run config"), str(file))
+        except RunFileError as err:
+            raise RunFileError(
+                f"{where!r} is not a readable tl-noise run: {err}", err.file, err.field
+            ) from err
         self.config: dict[str, Any] = config
         self.name = self.path.name
         fingerprint = config["model"]["fingerprint"]
         self.n_layers, self.n_heads = int(fingerprint["n_layers"]), int(fingerprint["n_heads"])
-        self._history_key: tuple[int, int] | None = None
-        self._history: list[dict[str, Any]] = []
+        shapes = record_shapes(config)
+        self._reader = HistoryReader(self.path / HISTORY, lambda r: check_record(r, shapes))
         self._memo: dict[Any, Any] = {}
 
     def __repr__(self) -> str:
@@ -73,43 +88,41 @@ class Run(RunFrames):
     # --------------------------------------------------------------------- files
     def status(self) -> dict[str, Any]:
         """``{"state", "step", "message"}``; state ``"unknown"`` when status.json is unreadable."""
+        file = self.path / STATUS
         try:
-            status = read_json(self.path / STATUS, "run status")
-        except ValueError as err:
+            return check_status(read_run_json(file, "run status"), str(file))
+        except RunFileError as err:
             return {"state": "unknown", "step": None, "message": str(err)}
-        if not isinstance(status, dict):
-            return {"state": "unknown", "step": None, "message": "status.json is not an object"}
-        return {
-            "state": str(status.get("state", "unknown")),
-            "step": status.get("step"),
-            "message": str(status.get("message", "")),
-        }
 
     def summary(self) -> dict[str, Any] | None:
         """The contents of ``summary.json`` (written when the fit completes), else None."""
-        if not (self.path / SUMMARY).exists():
+        file = self.path / SUMMARY
+        if not os.path.lexists(file):
             return None
-        summary = read_json(self.path / SUMMARY, "run summary")
+        summary = read_run_json(file, "run summary")
         if not isinstance(summary, dict):
-            raise ValueError(f"summary {str(self.path / SUMMARY)!r} is not a JSON object")
+            raise RunFileError(f"summary {str(file)!r} is not a JSON object", str(file))
         return summary
 
     def history(self) -> list[dict[str, Any]]:
-        """Complete history records, in file order (re-read only when the file changed)."""
-        file = self.path / HISTORY
-        try:
-            info = file.stat()
-            key = (info.st_size, info.st_mtime_ns)
-        except OSError:
-            key = (0, 0)
-        if key != self._history_key:
-            records = [
-                r
-                for r in read_history(self.path)
-                if isinstance(r, dict) and isinstance(r.get("step"), int)
-            ]
-            self._history, self._history_key, self._memo = records, key, {}
-        return self._history
+        """Complete history records, in file order (read incrementally: only what was appended
+        since the last call; RunFileError when the file is a link or over the size limit)."""
+        if self._reader.update():
+            self._memo = {}
+        return self._reader.records
+
+    def history_problems(self) -> tuple[int, dict[int, dict[str, str]]]:
+        """``(skipped, problems)``: how many history lines were skipped as no record at all
+        (damaged, nested too deep, ...), and ``{step: {field: what is wrong}}`` of the records
+        whose fields failed the schema (those fields are dropped from the record)."""
+        records = self.history()
+        problems = self._reader.problems
+        found = {r["step"]: problems[id(r)] for r in records if id(r) in problems}
+        return self._reader.skipped, found
+
+    def record_problems(self, step: int) -> dict[str, str]:
+        """``{field: what is wrong}`` of the history record of ``step`` ({} when it is sound)."""
+        return self._reader.problems.get(id(self.record(step)), {})
 
     def _cached(self, key: Any, compute: Any) -> Any:
         self.history()  # drops the memo when the history changed
@@ -156,18 +169,21 @@ class Run(RunFrames):
         return self._cached(("stds", step), lambda: self._stds_of(self.record(step), step))
 
     def _stds_of(self, record: dict[str, Any], step: int) -> dict[str, Tensor]:
+        where = f"run {self.name!r}: malformed std in history step {step}"
+        file = str(self.path / HISTORY)
+        if "std" not in record:
+            problem = self._reader.problems.get(id(record), {}).get("std", "the record has none")
+            raise RunFileError(f"{where}: {problem}", file, f"step {step}: std")
         try:
             return stds_from_record(record)
         except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise ValueError(
-                f"run {self.name!r}: malformed std in history step {step}: {err}"
-            ) from err
+            raise RunFileError(f"{where}: {err}", file, f"step {step}: std") from err
 
     def final_stds(self) -> dict[str, Tensor]:
         """The fitted stds: from ``final/`` (safetensors) when the run completed, else the last
         history record (a run still going, or input-dependent noise)."""
-        folder = self.path / FINAL
-        if (folder / "noise_state.safetensors").is_file():
+        folder = refuse_links(self.path, FINAL)
+        if refuse_links(folder, STATE_FILE).is_file():
             stds = _stds_from_noise_folder(folder)
             if stds is not None:
                 return stds
@@ -221,7 +237,13 @@ class Run(RunFrames):
             raise ValueError(f"gradient key {key!r}; accepted: {', '.join(GRAD_KEYS)}")
         kinds = self.grad_hook_kinds(step)
         if not kinds:
-            raise ValueError(f"run {self.name!r} has no per-head gradient record at step {step}")
+            problem = self.record_problems(step).get("grad")
+            raise RunFileError(
+                f"run {self.name!r} has no per-head gradient record at step {step}"
+                + (f": {problem}" if problem else ""),
+                str(self.path / HISTORY),
+                f"step {step}: grad",
+            )
         kind = kinds[0] if kind is None else kind
         if kind not in kinds:
             raise ValueError(f"hook kind {kind!r} has no gradient record; recorded: {kinds}")
@@ -235,52 +257,52 @@ class Run(RunFrames):
                 continue
             values = [as_float(v) for v in stats[key]]
             if len(values) != self.n_heads or not 0 <= layer < self.n_layers:
-                raise ValueError(f"run {self.name!r}: gradient {key!r} of {name!r} at step {step} "
-                                 f"has {len(values)} values; expected {self.n_heads}")  # fmt: skip
+                raise RunFileError(f"run {self.name!r}: gradient {key!r} of {name!r} at step "
+                                   f"{step} has {len(values)} values; expected {self.n_heads}",
+                                   str(self.path / HISTORY), f"step {step}: grad")  # fmt: skip
             out[layer] = torch.tensor(values)
         return out
 
     # -------------------------------------------------------------- annotations
     def ground_truth(self) -> dict[str, list[list[int]]] | None:
         """Known circuit heads ``{class: [[layer, head], ...]}`` from the model (config) or the
-        summary, else None."""
-        truth = self.config["model"].get("ground_truth")
+        summary, else None (RunFileError when the summary's is malformed)."""
+        fingerprint = self.config["model"]["fingerprint"]
+        truth = ground_truth_of(self.config["model"].get("ground_truth"), fingerprint, CONFIG)
         if truth is None:
-            try:
-                truth = (self.summary() or {}).get("ground_truth")
-            except ValueError:
-                truth = None
-        if not truth:
-            return None
-        groups = truth if isinstance(truth, dict) else {"circuit": truth}
-        out: dict[str, list[list[int]]] = {}
-        for cls, heads in groups.items():
-            pairs = [[int(p[0]), int(p[1])] for p in heads if isinstance(p, (list, tuple))
-                     and len(p) == 2 and 0 <= int(p[0]) < self.n_layers
-                     and 0 <= int(p[1]) < self.n_heads]  # fmt: skip
-            if pairs:
-                out[str(cls)] = pairs
-        return out or None
+            summary = self.summary() or {}
+            truth = ground_truth_of(summary.get("ground_truth"), fingerprint, str(self._summary))
+        return truth
 
     def faithfulness(self) -> dict[str, list[float]] | None:
-        """``{"k": [...], "faithfulness": [...]}`` from ``summary.json`` when recorded."""
-        try:
-            curve = (self.summary() or {}).get("faithfulness")
-        except ValueError:
-            return None
-        if not isinstance(curve, dict):
-            return None
-        ks, values = curve.get("k", curve.get("ks")), curve.get("faithfulness")
-        if not (isinstance(ks, list) and isinstance(values, list) and len(ks) == len(values)):
-            return None
-        return {"k": [int(k) for k in ks], "faithfulness": [as_float(v) for v in values]}
+        """``{"k": [...], "faithfulness": [...]}`` from ``summary.json`` when recorded
+        (RunFileError when it is malformed)."""
+        return faithfulness_of((self.summary() or {}).get("faithfulness"), str(self._summary))
+
+    @property
+    def _summary(self) -> Path:
+        return self.path / SUMMARY
+
+
+def _read_noise_folder(folder: Path) -> tuple[Any, dict[str, Tensor]]:
+    """``(config, state)`` of noise saved in ``folder``: no link followed, the sizes checked from
+    the config and the state's header before anything is allocated or read (RunFileError)."""
+    try:
+        config = read_run_json(refuse_links(folder, CONFIG_FILE), "noise config")
+        elements = check_noise_config_size(config, str(folder / CONFIG_FILE))
+        why = "the size of the noise its config describes"
+        state = refuse_links(folder, STATE_FILE)
+        return config, read_tensor_file(state, "noise state", 8 * elements, why)[1]
+    except RunFileError:
+        raise
+    except ValueError as err:
+        raise RunFileError(f"final noise in {str(folder)!r}: {err}", str(folder)) from err
 
 
 def _stds_from_noise_folder(folder: Path) -> dict[str, Tensor] | None:
     """Stds of noise saved with ``NoiseHooks.save`` without the model (None when the std is a
     function of the input, i.e. an estimator layer)."""
-    config = read_json(folder / CONFIG_FILE, "noise config")
-    state = read_tensors(folder / STATE_FILE, "noise state")
+    config, state = _read_noise_folder(folder)
     out = {}
     try:
         for name in config["order"]:
@@ -293,9 +315,9 @@ def _stds_from_noise_folder(folder: Path) -> dict[str, Tensor] | None:
                                    if k.startswith(prefix)})  # fmt: skip
             with torch.no_grad():
                 out[name] = layer.std().detach().float().cpu()
-    except (KeyError, TypeError, RuntimeError) as err:
-        raise ValueError(
-            f"final noise in {str(folder)!r} does not match its config: {err}"
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        raise RunFileError(
+            f"final noise in {str(folder)!r} does not match its config: {err}", str(folder)
         ) from err
     return out
 
