@@ -1,6 +1,6 @@
 """The ``tl-noise`` command line: ``demo``, ``fit``, ``show`` and ``app``.
 
-tl-noise demo                       # fit noise on the embedded induction model, rank its heads
+tl-noise demo                       # tl-noise beside the baselines on a benchmark model
 tl-noise fit gpt2 --task ioi --hooks "blocks.*.attn.hook_z" --steps 300 --run-dir runs/ioi
 tl-noise show runs/ioi              # ranked heads in the terminal
 tl-noise app runs/                  # the dashboard on http://127.0.0.1:8501
@@ -9,7 +9,6 @@ tl-noise app runs/                  # the dashboard on http://127.0.0.1:8501
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,10 +17,14 @@ from typing import Any
 PARAMETERIZATIONS = ("cloak", "direct", "softplus")  # CLI names of the rho -> std maps
 
 
-def make_parameterization(name: str, low: float, high: float, shallow: float) -> Any:
-    """Build a std parameterization from its CLI name."""
+def make_parameterization(
+    name: str, scale: tuple[float, float] | None, shallow: float, form: str = "additive"
+) -> Any:
+    """Build a std parameterization from its CLI name; ``scale`` None: ``(1e-4, 2)`` for the
+    additive form, ``(1e-4, 1)`` for the replacement form (whose sigma is capped at 1)."""
     import tl_noise as tn
 
+    low, high = scale if scale is not None else (1e-4, 1.0 if form == "replacement" else 2.0)
     if name == "cloak":
         return tn.CloakStandardDeviationParameterization(scale=(low, high), shallow=shallow)
     if name == "direct":
@@ -85,9 +88,20 @@ def config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name, _, _ in FitConfig.settings()}
 
 
-def _common_fit_args(parser: argparse.ArgumentParser, steps: int) -> None:
+def _common_fit_args(
+    parser: argparse.ArgumentParser, steps: int, hooks: list[str] | None = None
+) -> None:
+    from tl_noise.hooks.attach import DEFAULT_FORM
+    from tl_noise.noise.forms import NOISE_FORMS
+
     parser.add_argument(
-        "--hooks", nargs="+", default=HOOKS_DEFAULT, help="hook names or glob patterns"
+        "--hooks", nargs="+", default=hooks or HOOKS_DEFAULT, help="hook names or glob patterns"
+    )
+    parser.add_argument(
+        "--form",
+        default=DEFAULT_FORM,
+        choices=NOISE_FORMS,
+        help="additive (x + sigma s eps) or replacement ((1 - sigma) x + sigma (mu + s eps))",
     )
     parser.add_argument(
         "--granularity",
@@ -105,9 +119,9 @@ def _common_fit_args(parser: argparse.ArgumentParser, steps: int) -> None:
         "--scale",
         nargs=2,
         type=float,
-        default=(1e-4, 2.0),
+        default=None,
         metavar=("MIN", "MAX"),
-        help="std range of the parameterization",
+        help="std range of the parameterization (default 1e-4 2, or 1e-4 1 for replacement)",
     )
     parser.add_argument("--shallow", type=float, default=1.0, help="Cloak temperature")
     add_config_arguments(parser, steps=steps)
@@ -118,12 +132,14 @@ def _common_fit_args(parser: argparse.ArgumentParser, steps: int) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _fit_from_args(model: Any, task: Any, args: argparse.Namespace, prefix: str) -> Any:
+def _fit_from_args(
+    model: Any, task: Any, args: argparse.Namespace, prefix: str, add_curve: bool = True
+) -> Any:
     import tl_noise as tn
     from tl_noise.fitting import fit
 
-    low, high = args.scale
-    param = make_parameterization(args.parameterization, low, high, args.shallow)
+    scale = tuple(args.scale) if args.scale is not None else None
+    param = make_parameterization(args.parameterization, scale, args.shallow, args.form)
     noise = tn.attach_noise(
         model,
         args.hooks,
@@ -131,6 +147,7 @@ def _fit_from_args(model: Any, task: Any, args: argparse.Namespace, prefix: str)
         parameterization=param,
         calibration_tokens=task.tokens[:64],
         seed=args.seed,
+        form=args.form,
     )
     run_dir = args.run_dir or _default_run_dir(prefix)
     with noise:
@@ -144,7 +161,7 @@ def _fit_from_args(model: Any, task: Any, args: argparse.Namespace, prefix: str)
             quiet=args.quiet,
             **config_kwargs(args),
         )
-    if result.importance is not None and result.run_dir is not None:
+    if add_curve and result.importance is not None and result.run_dir is not None:
         add_faithfulness(model, task, result)
     return result
 
@@ -163,34 +180,6 @@ def add_faithfulness(model: Any, task: Any, result: Any) -> None:
     summary = read_json(path, "run summary")
     summary["faithfulness"] = {"k": curve["ks"], **curve}
     write_json(path, summary)
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    import tl_noise as tn
-    from tl_noise.tasks import induction_task
-
-    model = tn.load_embedded_model()
-    task = induction_task(
-        model.cfg.d_vocab, n=args.n_examples, seq_len=model.cfg.n_ctx, seed=args.seed, bos=0
-    )
-    print(
-        f"embedded model {tn.models.EMBEDDED_MODEL}: {model.cfg.n_layers} layers x "
-        f"{model.cfg.n_heads} heads, induction task with {len(task)} sequences"
-    )
-    result = _fit_from_args(model, task, args, "demo")
-    from tl_noise.ranking import rank_heads
-
-    print()
-    print(ranking_table(rank_heads(result.importance), model.ground_truth, top=args.top))
-    print(f"\nrun directory: {result.run_dir}  ({result.seconds:.1f} s)")
-    if args.no_app or os.environ.get("TL_NOISE_NO_APP"):
-        print(f"open it with: tl-noise app {result.run_dir}")
-        return 0
-    from tl_noise.cli.app import launch
-
-    print(f"dashboard: http://127.0.0.1:{args.port}  (Ctrl-C to stop)")
-    launch(result.run_dir, port=args.port, block=True)
-    return 0
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -277,18 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.ArgumentDefaultsHelpFormatter
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser(
-        "demo",
-        formatter_class=formatter,
-        help="fit noise on the embedded induction model and rank heads",
-    )
-    _common_fit_args(demo, steps=300)
-    demo.add_argument("--top", type=int, default=8, help="heads to list")
-    demo.add_argument(
-        "--no-app", action="store_true", help="do not start the dashboard (also: TL_NOISE_NO_APP=1)"
-    )
-    demo.add_argument("--port", type=int, default=8501)
-    demo.set_defaults(func=cmd_demo)
+    from tl_noise.cli.demo import add_demo_parser
+
+    add_demo_parser(sub, _common_fit_args, formatter)
 
     fitp = sub.add_parser("fit", formatter_class=formatter, help="fit noise on any model and task")
     fitp.add_argument("model", help="hub name (gpt2), local checkpoint directory, or induction-2l")

@@ -175,4 +175,5 @@ class RefineRanking(Callback):
         noise.node_scores = refined.scores()
         noise.ranking_info = {**info, **refined.info(), "examples": n}
         result.node_scores = dict(noise.node_scores)
+        result.forwards += refined.forwards * n / len(data)
         result.importance = head_importance(noise)

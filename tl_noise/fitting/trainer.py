@@ -43,7 +43,7 @@ from tl_noise.fitting.task_losses import (
     MetricTaskLoss,
     TaskLoss,
 )
-from tl_noise.hooks import NoiseHooks, head_importance
+from tl_noise.hooks import NoiseHooks, head_importance, std_node_scores
 
 
 @dataclass
@@ -60,6 +60,7 @@ class FitResult:
     extra: dict[str, Any] = field(default_factory=dict)
     node_scores: dict[str, float] | None = None  # the refined ranking, when the fit made one
     stopped_at: int | None = None  # the step count at which the ranking was stable
+    forwards: float = 0.0  # cost in forward passes over the data (a backward counts 2)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -244,7 +245,10 @@ class Trainer:
             importance=safe_importance(self.noise),
             seconds=time.time() - began,
             stopped_at=step + 1 if self.stopping else None,
+            node_scores=std_node_scores(self.noise),
         )
+        n = len(self.data)  # one step: a noised forward and a backward on a batch
+        result.forwards = 3 * (step + 1 - self.start) * min(self.config.batch_size, n) / n
         for cb in self.callbacks:
             cb.on_fit_end(self, result)
         return result
