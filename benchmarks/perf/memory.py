@@ -107,6 +107,7 @@ def memory_worker(args: argparse.Namespace) -> dict[str, Any]:
             batch_size=args.batch,
             quiet=True,
             log_every=10**9,
+            refine_window=0,
             callbacks=[window],
         )
         marks = dict(window.marks)

@@ -6,7 +6,8 @@ took ``steps``/``batch_size`` can be measured.
 Run as ``python -P ref_worker.py SPEC.json OUT.json`` (``-P``: this folder is not put on
 ``sys.path``). The fit step is ``(T(n2) - T(n1)) / (n2 - n1)`` over two ``tn.fit`` calls of
 ``n1`` and ``n2`` steps: setup (clean-target cache) and the history records of the first and
-last steps cancel, and no callback API is needed.
+last steps cancel, and no callback API is needed. Keywords a revision's ``tn.fit`` lacks are
+left out (``refine_window=0``: no ranking refinement after the steps, where there is one).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def _fit_seconds(model: Any, noise: Any, tokens: torch.Tensor, steps: int, spec:
         "lr": 0.05,
         "quiet": True,
         "log_every": 10**9,
+        "refine_window": 0,
     }
     accepted = inspect.signature(tn.fit).parameters
     kwargs = {k: v for k, v in wanted.items() if k in accepted}

@@ -101,7 +101,8 @@ def _answer_lines(ans: dict[str, Any]) -> list[str]:
     return [
         f"time to answer ({ans['model']}, top-{ans['k']} stable {ans['window']} steps): "
         + ("never" if when is None else f"{when:.2f} s at step {ans['answer_step']}")
-        + f" (fit of {ans['steps']} steps {ans['fit_seconds_total']:.2f} s, AUC "
+        + f" (fit of {ans['steps']} steps {ans['fit_seconds_total']:.2f} s, returned after "
+        f"{ans['fit_return_seconds']:.2f} s with its refinement; AUC "
         f"{ans['tl_noise_auc']:.3f}); {patching}"
     ]
 

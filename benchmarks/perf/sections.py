@@ -132,9 +132,10 @@ def section_scaling(args: argparse.Namespace, model: Any, tokens: torch.Tensor) 
     )
     configs: dict[str, Any] = {f"{k} hook_z": z_names[:k] for k in counts}
     configs["many"] = list(MANY_HOOKS)
-    noises = {name: attach(model, tokens, hooks) for name, hooks in configs.items()}
-    for noise in noises.values():
-        noise.remove()
+    noises: dict[str, Any] = {}
+    for name, hooks in configs.items():  # one attached at a time: a hook point takes one noise
+        noises[name] = attach(model, tokens, hooks)
+        noises[name].remove()
 
     def measure(name: str) -> Callable[[], list[float]]:
         def run() -> list[float]:
