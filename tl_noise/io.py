@@ -211,10 +211,10 @@ def _header(path: Path, what: str) -> tuple[int, dict[str, tuple[str, list[int]]
             continue
         shape = entry.get("shape") if isinstance(entry, dict) else None
         dtype = entry.get("dtype") if isinstance(entry, dict) else None
-        ok = isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
-        if not (ok and dtype in DTYPE_BYTES):
+        dims = shape if isinstance(shape, list) and dtype in DTYPE_BYTES else None
+        if dims is None or not all(type(d) is int and d >= 0 for d in dims):
             raise _corrupt(what, path, f"tensor {name!r} has dtype {dtype!r}, shape {shape!r}")
-        out[name] = (dtype, shape)
+        out[name] = (str(dtype), [int(d) for d in dims])
     return size - 8 - length, out
 
 

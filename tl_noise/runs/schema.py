@@ -144,7 +144,8 @@ def _check_type(file: str, field: str, value: Any, kinds: tuple[type, ...], what
     raise _bad(file, field, f"is {_kind(value)}; expected {what} or null")
 
 
-CONFIG_SECTIONS = {  # section -> {field: (types, what)}; every field may be null or absent
+Fields = dict[str, tuple[tuple[type, ...], str]]  # field -> (types, what they are called)
+CONFIG_SECTIONS: dict[str, Fields] = {  # every field may be null or absent
     "fit": {
         "steps": ((int,), "an int"),
         "mode": ((str,), "a string"),
