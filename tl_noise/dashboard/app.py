@@ -4,6 +4,10 @@ The runs root is the first argument after ``--`` (``streamlit run apps/dashboard
 or the environment variable ``TL_NOISE_RUNS``. Only run directories found under the root by
 :func:`tl_noise.runs.list_runs` can be opened; the query parameter ``?run=NAME`` selects one of
 them by name. Run by Streamlit, this file renders the page itself.
+
+Whatever a run's files hold, the page shows a message, never a traceback: the reader checks them
+(:mod:`tl_noise.runs.schema`), every section catches what is left, and :func:`main` and the live
+body are :func:`~tl_noise.dashboard.safe.guarded` besides.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from tl_noise.dashboard import views
+from tl_noise.dashboard import compare, safe, views
 from tl_noise.runs import CONFIG, Run, list_runs
 
 ENV_ROOT = "TL_NOISE_RUNS"
@@ -64,7 +68,7 @@ def pick_run(labels: list[str]) -> str:
         if wanted in labels:
             st.session_state["run"] = wanted
         elif wanted:
-            st.sidebar.warning(f"Run {wanted!r} from the URL is not under the runs root.")
+            safe.warning(f"Run {wanted!r} from the URL is not under the runs root.", st.sidebar)
     if st.session_state.get("run") not in labels:
         st.session_state["run"] = labels[0]
     label = st.sidebar.selectbox("Run", labels, key="run")
@@ -82,39 +86,72 @@ def step_slider(steps: list[int]) -> int:
     if len(steps) == 1:
         st.caption(f"Training step {last} (the only record so far)")
         return last
-    return st.select_slider("Training step", options=steps, key="step")
+    return st.select_slider("Training step (records count from 0)", options=steps, key="step")
 
 
-def body(run: Run, label: str, others: dict[str, Path], truth: dict | None, state: str) -> None:
-    status = views.status_banner(run)
+def no_record_yet(state: str) -> str:
+    """What the page says of a run without a history record, by its state."""
+    if state == "running":
+        return (
+            "No history record yet: the run has not logged a step. This page refreshes while "
+            "the run is running."
+        )
+    return f"No history record: the run ({state}) logged no step."
+
+
+@safe.guarded("the run")
+def body(
+    run: Run, label: str, others: dict[str, Path], truth: dict | None, state: str, fixed: bool
+) -> None:
+    try:
+        steps = run.steps()
+    except views.DATA_ERRORS as err:
+        views.status_banner(run, [])
+        safe.error(f"Cannot read the history of run {label!r}: {err}")
+        return
+    status = views.status_banner(run, steps)
     if state == "running" and status["state"] != "running":
         st.rerun()  # the run finished: redraw the page without live refresh
-    steps = run.steps()
+    views.history_notes(run)
     if not steps:
-        st.info(
-            "No history record yet: the run has not logged a step. This page refreshes "
-            "while the run is running."
-        )
+        st.info(no_record_yet(status["state"]))
         return
     step = step_slider(steps)
     tabs = st.tabs(["Stds per head", "Other hooks", "Gradients", "Losses", "Ranking", "Compare"])
     with tabs[0]:
-        views.head_stds(run, step, truth)
+        views.head_stds(run, step, truth, fixed)
     with tabs[1]:
         views.feature_stds(run, step)
     with tabs[2]:
-        views.gradients(run, step, key_prefix=label)
+        views.gradients(run, step, key_prefix=label, fixed=fixed)
     with tabs[3]:
         views.losses(run)
     with tabs[4]:
         views.ranking(run, truth)
     with tabs[5]:
-        views.compare(run, others, open_run, key_prefix=label)
+        compare.compare(run, others, open_run, key_prefix=label)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     st.set_page_config(page_title="tl-noise dashboard", layout="wide")
     st.title("tl-noise dashboard")
+    page(argv)
+
+
+def sidebar_truth(run: Run) -> dict | None:
+    """The run's ground truth for the overlay (a malformed one is named, not shown)."""
+    try:
+        truth = run.ground_truth()
+    except views.DATA_ERRORS as err:
+        safe.warning(f"Ground truth not shown: {err}", st.sidebar)
+        return None
+    if truth and not st.sidebar.toggle("Overlay ground truth", value=True, key="truth"):
+        return None
+    return truth
+
+
+@safe.guarded("the page")
+def page(argv: Sequence[str] | None = None) -> None:
     root = runs_root(argv)
     if not root:
         st.error(USAGE)
@@ -122,37 +159,36 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         paths = list_runs(root)
     except ValueError as err:
-        st.error(f"Cannot list runs: {err}")
+        safe.error(f"Cannot list runs: {err}")
         return
     if not paths:
         st.warning(
-            f"No run directories under {root!r} yet. Write one with "
+            f"No run directories under {safe.plain(repr(root))} yet. Write one with "
             "`tl_noise.train.fit(..., run_dir=...)`."
         )
         return
     base = Path(root).resolve()
     by_label = {run_label(base, p): p for p in paths}
-    st.sidebar.caption(f"Runs root: `{base}` ({len(paths)} runs)")
+    safe.caption(f"Runs root: {base} ({len(paths)} runs)", st.sidebar)
     label = pick_run(list(by_label))
     try:
         run = open_run(str(by_label[label]))
-    except ValueError as err:
-        st.error(f"Run {label!r} cannot be shown: {err}")
+    except views.DATA_ERRORS as err:
+        safe.error(f"Run {label!r} cannot be shown: {err}")
         st.caption("A run directory needs a valid config.json; it is written when a fit starts.")
         return
-    st.caption(f"`{run.path}`")
+    safe.caption(run.path)
     with st.sidebar:
         views.config_panel(run)
-        truth = run.ground_truth()
-        if truth and not st.toggle("Overlay ground truth", value=True, key="truth"):
-            truth = None
+    truth = sidebar_truth(run)
+    fixed = st.sidebar.toggle("Fixed colour range over the run", value=True, key="fixed_range")
     state = run.status()["state"]
     others = {k: v for k, v in by_label.items() if k != label}
     if state == "running" and st.sidebar.toggle("Live refresh", value=True, key="live"):
         every = st.sidebar.slider("Refresh every (s)", 1, 30, 2, key="every")
-        st.fragment(body, run_every=every)(run, label, others, truth, state)
+        st.fragment(body, run_every=every)(run, label, others, truth, state, fixed)
     else:
-        body(run, label, others, truth, state)
+        body(run, label, others, truth, state, fixed)
 
 
 if __name__ == "__main__":

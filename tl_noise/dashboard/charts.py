@@ -17,9 +17,18 @@ from jaxtyping import Float
 from plotly.subplots import make_subplots
 from torch import Tensor
 
+from tl_noise.dashboard.ranges import (
+    clipped_axis,
+    log_axis,
+)
+
 SCALES = ("log", "signed", "linear")
-LOG_AXIS = {"dtick": 1, "exponentformat": "power"}  # one tick per decade
 TRUTH_COLOURS = ("#00cc96", "#ffa15a", "#ab63fa", "#19d3f3", "#ff6692", "#b6e880")
+HEAD_COLOURS = (
+    "#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692", "#b6e880",
+    "#ff97ff", "#fecb52", "#1f77b4", "#8c564b",
+)  # fmt: skip
+LAYER_DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 
 
 def _cells(values: Tensor) -> list[list[float | None]]:
@@ -56,6 +65,8 @@ def heatmap(
 
     ``scale``: ``"log"`` colours ``log10|v|`` (hover shows ``v``), ``"signed"`` is diverging
     around 0, ``"linear"`` plain. ``ground_truth`` outlines the listed ``[layer, head]`` cells.
+    ``zrange``: a fixed colour range in the coloured units (:func:`value_range`), e.g. the
+    range over a whole run, so that colours mean the same at every step.
     """
     if scale not in SCALES:
         raise ValueError(f"scale={scale!r}; accepted: {', '.join(SCALES)}")
@@ -68,7 +79,7 @@ def heatmap(
     colorbar: dict[str, Any] = {"title": {"text": label}}
     kwargs: dict[str, Any] = {"colorscale": "Viridis"}
     if scale == "log":
-        colorbar.update(_log_ticks(z))
+        colorbar.update(_log_ticks(z if zrange is None else torch.tensor(zrange)))
     elif scale == "signed":
         finite = values[torch.isfinite(values)]
         bound = float(finite.abs().max()) if finite.numel() else 1.0
@@ -129,29 +140,50 @@ def head_label(layer: int, head: int) -> str:
     return f"L{layer}H{head}"
 
 
-def trajectories(frame: Any, ground_truth: dict[str, list[list[int]]] | None = None) -> go.Figure:
-    """Std of every head over the steps (``frame``: step, layer, head, std; log y axis)."""
-    truth = {(l_, h): cls for cls, heads in (ground_truth or {}).items() for l_, h in heads}
-    fig = go.Figure()
-    palette = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692")
+def tied_heads(frame: Any) -> dict[tuple[int, int], list[tuple[int, int]]]:
+    """``(layer, head) -> the other heads with the same trajectory`` (equal to 9 significant
+    digits at every step), for the heads that share theirs."""
+    groups: dict[tuple[float, ...], list[tuple[int, int]]] = {}
     for (layer, head), rows in frame.groupby(["layer", "head"], sort=True):
-        cls = truth.get((int(layer), int(head)))
-        name = head_label(int(layer), int(head)) + (f" ({cls})" if cls else "")
+        key = tuple(float(f"{v:.9g}") for v in rows.sort_values("step")["std"])
+        groups.setdefault(key, []).append((int(layer), int(head)))
+    return {h: [o for o in heads if o != h] for heads in groups.values() if len(heads) > 1
+            for h in heads}  # fmt: skip
+
+
+def trajectories(frame: Any, ground_truth: dict[str, list[list[int]]] | None = None) -> go.Figure:
+    """Std of every head over the steps (``frame``: step, layer, head, std; log y axis). The
+    colour tells the head, the dash the layer; heads with identical trajectories (drawn on top
+    of each other) say so in their legend entry and hover text."""
+    truth = {(l_, h): cls for cls, heads in (ground_truth or {}).items() for l_, h in heads}
+    ties = tied_heads(frame)
+    fig = go.Figure()
+    for (layer, head), rows in frame.groupby(["layer", "head"], sort=True):
+        layer, head = int(layer), int(head)
+        cls = truth.get((layer, head))
+        name = head_label(layer, head) + (f" ({cls})" if cls else "")
+        same = ties.get((layer, head), [])
+        tie = " = " + ", ".join(head_label(*h) for h in same) if same else ""
         fig.add_trace(
             go.Scatter(
                 x=rows["step"],
                 y=rows["std"],
                 mode="lines",
-                name=name,
+                name=name + tie,
                 legendgroup=f"layer {layer}",
-                line={"width": 3 if cls else 1.2, "color": palette[int(layer) % len(palette)]},
-                hovertemplate=f"{name}<br>step %{{x}}<br>std %{{y:.4g}}<extra></extra>",
+                line={
+                    "width": 3 if cls else 1.5,
+                    "color": HEAD_COLOURS[head % len(HEAD_COLOURS)],
+                    "dash": LAYER_DASHES[layer % len(LAYER_DASHES)],
+                },
+                hovertemplate=f"{name}{tie}<br>step %{{x}}<br>std %{{y:.4g}}<extra></extra>",
             )
         )
     fig.update_layout(
         title="Std per head over training",
         xaxis_title="step",
-        yaxis={"title": "std", "type": "log", **LOG_AXIS},
+        yaxis={"title": "std", **log_axis(frame["std"])},
+        legend={"title": {"text": "colour: head, dash: layer"}},
         height=420,
     )
     return fig
@@ -176,6 +208,8 @@ DRILL_DOWN_PANELS = (
     ("cosine / alpha", ("cosine", "alpha"), "linear"),
     ("scale", ("scale",), "linear"),
 )
+PROJECTED_LINE = {"dash": "dash", "width": 2}  # drawn over the noise-loss line, which shows through
+CLIPPED = ("scale",)  # spiky series: the axis ends at the SCALE_CLIP quantiles
 
 
 def drill_down(frame: Any, layer: int, head: int) -> go.Figure:
@@ -199,16 +233,20 @@ def drill_down(frame: Any, layer: int, head: int) -> go.Figure:
                     name=name,
                     legendgroup=name,
                     showlegend=name not in shown,
-                    line={"color": colour},
+                    line={"color": colour, **(PROJECTED_LINE if "projected" in column else {})},
+                    opacity=0.85 if "projected" in column else 1.0,
                     hovertemplate=f"{column}<br>step %{{x}}<br>%{{y:.4g}}<extra></extra>",
                 ),
                 row=i,
                 col=1,
             )
             shown.add(name)
-        # decade ticks on the std panel; the norms span many decades, plotly thins those
-        ticks = LOG_AXIS if columns == ["std"] else {"exponentformat": "power"}
-        fig.update_yaxes(type=axis, row=i, col=1, **(ticks if axis == "log" else {}))
+        values = rows[columns].to_numpy()
+        if axis == "log":
+            fig.update_yaxes(row=i, col=1, **log_axis(values))
+        else:
+            clip = clipped_axis(values) if set(columns) <= set(CLIPPED) else {}
+            fig.update_yaxes(type=axis, row=i, col=1, **clip)
     fig.update_xaxes(title_text="step", row=len(panels), col=1)
     fig.update_layout(
         title=f"Head {head_label(layer, head)}: gradients and their projection",
@@ -228,7 +266,7 @@ def loss_curves(frame: Any) -> go.Figure:
         )
         fig.update_xaxes(title_text="step", row=1, col=i)
     if (frame["task"] > 0).all():
-        fig.update_yaxes(type="log", row=1, col=1, **LOG_AXIS)
+        fig.update_yaxes(row=1, col=1, **log_axis(frame["task"]))
     fig.update_layout(title="Losses", showlegend=False, height=340)
     return fig
 
@@ -244,6 +282,8 @@ def global_curves(frame: Any) -> go.Figure:
             col=i,
         )
         fig.update_xaxes(title_text="step", row=1, col=i)
+        if column in CLIPPED:
+            fig.update_yaxes(row=1, col=i, **clipped_axis(frame[column]))
     fig.update_layout(title="Mean std and alphaless equivalents", showlegend=False, height=320)
     return fig
 
@@ -301,8 +341,8 @@ def comparison_scatter(a: Tensor, b: Tensor, name_a: str, name_b: str) -> go.Fig
         )
     fig.update_layout(
         title="Std per head, run A against run B",
-        xaxis={"title": f"B: {name_b}", "type": "log", **LOG_AXIS},
-        yaxis={"title": f"A: {name_a}", "type": "log", **LOG_AXIS},
+        xaxis={"title": f"B: {name_b}", **log_axis(xs + ys)},
+        yaxis={"title": f"A: {name_a}", **log_axis(xs + ys)},
         showlegend=False,
         height=380,
     )
