@@ -1,7 +1,7 @@
 # One entry point. `make demo` runs the main job on the embedded model; `make test` runs every
 # test (TransformerLens 4.x suite, then the 3.x pass). Both create the virtual environments they
 # need inside the repository on first use (scripts/bootstrap.sh) and reuse them afterwards.
-.PHONY: demo test lint venv venv-tl3 browser hooks bench clean
+.PHONY: demo test lint venv venv-tl3 browser screenshot hooks bench clean
 
 demo: venv
 	.venv/bin/tl-noise demo $(ARGS)
@@ -20,6 +20,10 @@ venv-tl3:
 
 browser:
 	@bash scripts/install_browser.sh
+
+# docs/dashboard.png, taken by the browser test (which otherwise writes a temporary copy)
+screenshot: venv browser
+	TL_NOISE_UPDATE_SCREENSHOT=1 .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_browser.py
 
 bench: venv venv-tl3
 	.venv/bin/python benchmarks/perf.py $(ARGS)

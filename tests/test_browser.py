@@ -1,11 +1,13 @@
 """The dashboard in a real browser: ``streamlit run`` on a free localhost port, driven by
-Debian's headless Chromium through Playwright; saves ``docs/dashboard.png``.
+Debian's headless Chromium through Playwright; takes a screenshot into the test's temporary
+folder, or over ``docs/dashboard.png`` with ``TL_NOISE_UPDATE_SCREENSHOT=1`` (to update it).
 
 Needs ``/usr/bin/chromium``: ``bash scripts/install_browser.sh`` installs it (apt).
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 import urllib.request
@@ -19,7 +21,8 @@ from tl_noise.cli.app import launch
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
-SCREENSHOT = REPO / "docs" / "dashboard.png"
+DOCS_SCREENSHOT = REPO / "docs" / "dashboard.png"
+UPDATE_SCREENSHOT = "TL_NOISE_UPDATE_SCREENSHOT"
 CHROMIUM = "/usr/bin/chromium"
 INSTALL = (
     "bash scripts/install_browser.sh  (apt-get update && apt-get install -y chromium "
@@ -79,7 +82,14 @@ def dashboard_server(root: Path):
             proc.wait(timeout=15)
 
 
-def test_dashboard_renders_in_headless_chromium(runs_root):
+def screenshot_path(tmp_path: Path) -> Path:
+    """docs/dashboard.png when ``TL_NOISE_UPDATE_SCREENSHOT=1``, else a temporary file."""
+    update = os.environ.get(UPDATE_SCREENSHOT) == "1"
+    return DOCS_SCREENSHOT if update else tmp_path / "dashboard.png"
+
+
+def test_dashboard_renders_in_headless_chromium(runs_root, tmp_path):
+    screenshot = screenshot_path(tmp_path)
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"Chromium is not installed at {CHROMIUM}; install it with: {INSTALL}")
     from playwright.sync_api import expect, sync_playwright
@@ -114,9 +124,9 @@ def test_dashboard_renders_in_headless_chromium(runs_root):
             page.get_by_role("tab", name="Stds per head").click()
             expect(heatmap).to_be_visible()
             page.wait_for_timeout(500)  # let plotly finish its transition before the picture
-            SCREENSHOT.parent.mkdir(exist_ok=True)
-            page.screenshot(path=str(SCREENSHOT))
+            screenshot.parent.mkdir(exist_ok=True)
+            page.screenshot(path=str(screenshot))
         finally:
             browser.close()
-    assert SCREENSHOT.stat().st_size > 10_000
+    assert screenshot.stat().st_size > 10_000
     assert not problems, f"browser console errors: {problems}"
