@@ -30,6 +30,14 @@ def cloak(**kw):
     return tn.CloakStandardDeviationParameterization(**kw)
 
 
+def direct(**kw):
+    return tn.DirectStandardDeviationParameterization(**kw)
+
+
+def soft(**kw):
+    return tn.SoftplusStandardDeviationParameterization(**kw)
+
+
 ATTACH_CASES = {
     "scale-reversed": (
         lambda m, t: attach(m, t, parameterization=cloak(scale=(2.0, 1.0))),
@@ -76,9 +84,30 @@ ATTACH_CASES = {
     "init-std-outside-range": (
         lambda m, t: attach(m, t, init_std=5.0),
         ValueError,
-        r"init_std=5.0 .*\[0.0001, 2\]",
+        r"init_std=5.0 .*\[0.0001, 1\]",  # the replacement form caps sigma at 1
     ),
     "init-std-nan": (lambda m, t: attach(m, t, init_std=NAN), ValueError, "init_std=nan"),
+    "direct-init-std-zero": (  # std 0: the noise loss -log(std) is infinite at step 0
+        lambda m, t: attach(
+            m, t, init_std=0.0, parameterization=direct(scale=(0.0, 2.0)), form="additive"
+        ),
+        ValueError,
+        "init_std=0.0 at blocks.0.attn.hook_z gives an initial std of 0 with Direct.*infinite",
+    ),
+    "softplus-init-std-overflows": (
+        lambda m, t: attach(
+            m, t, "blocks.0.hook_mlp_out", init_std=1e38, parameterization=soft(), form="additive"
+        ),
+        ValueError,
+        "init_std=1e.38 at blocks.0.hook_mlp_out with Softplus.*overflows torch.float32",
+    ),
+    "direct-init-std-at-the-float32-limit": (
+        lambda m, t: attach(
+            m, t, init_std=3e38, parameterization=direct(scale=(0.0, 3e38)), form="additive"
+        ),
+        ValueError,
+        "init_std=3e.38 .*overflows",
+    ),
     "head-granularity-on-residual": (
         lambda m, t: attach(m, t, "blocks.0.hook_resid_pre", granularity="head"),
         ValueError,
@@ -105,6 +134,16 @@ ATTACH_CASES = {
         re.escape("unknown hook point 'blocks.7.*'"),
     ),
     "hooks-not-a-name": (lambda m, t: attach(m, t, 5), TypeError, "hooks=5"),
+    "pattern-selects-only-attention-patterns": (
+        lambda m, t: attach(m, t, "blocks.*.attn.hook_pattern"),
+        ValueError,
+        r"'blocks.\*.attn.hook_pattern' selects only attention scores/patterns; .*not supported",
+    ),
+    "calibration-tokens-int8": (
+        lambda m, t: attach(m, t.to(torch.int8)),
+        TypeError,
+        "calibration_tokens .*dtype torch.int8",
+    ),
     "attention-pattern-hook": (
         lambda m, t: attach(m, t, "blocks.0.attn.hook_pattern"),
         ValueError,

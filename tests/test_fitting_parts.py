@@ -44,7 +44,7 @@ def test_every_fit_setting_is_a_cli_option_with_help():
     assert kwargs["batch_size"] == 7 and kwargs["noise_loss_kind"] == "neg_mean_log"
     assert FitConfig(**kwargs).clean_cache_mb == 0
     demo = parser.parse_args(["demo"])
-    assert demo.steps == 300 and config_kwargs(demo)["steps"] == 300
+    assert demo.steps == 500 and config_kwargs(demo)["steps"] == 500
     help_text = parser._subparsers._group_actions[0].choices["fit"].format_help()  # type: ignore
     for name in names:
         assert f"--{name.replace('_', '-')}" in help_text

@@ -32,7 +32,8 @@ def test_every_granularity_on_every_hook_family(tiny_model, tokens, pattern, gra
     param = tn.CloakStandardDeviationParameterization()
     before = logits_of(tiny_model, tokens)
     noise = tn.attach_noise(
-        tiny_model, pattern, granularity=granularity, parameterization=param, init_std=0.3
+        tiny_model, pattern, granularity=granularity, parameterization=param, init_std=0.3,
+        form="additive",
     )
     try:
         stds = noise.stds()
@@ -136,7 +137,9 @@ def test_coexists_with_user_hooks_and_run_with_cache(tiny_model, tokens):
 
 
 def test_reproducible_noise_and_modes(tiny_model, tokens):
-    with tn.attach_noise(tiny_model, "blocks.*.attn.hook_z", init_std=0.5, seed=3) as noise:
+    with tn.attach_noise(
+        tiny_model, "blocks.*.attn.hook_z", init_std=0.5, seed=3, form="additive"
+    ) as noise:
         a = tiny_model(tokens)
         noise.manual_seed(3)
         b = tiny_model(tokens)

@@ -121,7 +121,8 @@ def test_replacement_noise_round_trips_and_old_noise_loads_as_additive(tmp_path)
     with loaded:
         assert torch.allclose(model(tokens), out)
     # noise written before forms existed has no "form" and no natural_mean: additive
-    with tn.attach_noise(model, "blocks.*.attn.hook_z", calibration_tokens=tokens) as noise:
+    with tn.attach_noise(model, "blocks.*.attn.hook_z", calibration_tokens=tokens,
+                         form="additive") as noise:  # fmt: skip
         noise.save(tmp_path / "old")
     config = json.loads((tmp_path / "old" / "noise_config.json").read_text())
     for layer in config["hooks"].values():

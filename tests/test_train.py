@@ -101,7 +101,7 @@ def test_callable_metric_objective(tiny_model, data):
 
 def test_noise_grows_when_task_ignores_it(tiny_model, data):
     tokens, mask = data
-    with fresh_noise(tiny_model, tokens) as noise:
+    with fresh_noise(tiny_model, tokens, form="additive") as noise:  # stds may exceed 1
         r = fit(
             tiny_model,
             noise,
@@ -187,8 +187,8 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tiny_model, data, tmp_path):
     calls = {"n": 0}
 
     def metric(logits, batch):
-        calls["n"] += 1
-        return logits.mean() * (float("nan") if calls["n"] > 6 else 1.0)
+        calls["n"] += 1  # the first call is fit's check of what the metric returns
+        return logits.mean() * (float("nan") if calls["n"] > 7 else 1.0)
 
     with fresh_noise(tiny_model, tokens) as noise:
         with pytest.raises(FloatingPointError, match="non-finite loss at step 6"):

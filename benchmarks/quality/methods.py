@@ -24,14 +24,6 @@ HOOKS = ["blocks.*.attn.hook_z", "blocks.*.hook_mlp_out"]
 Method = Callable[[Any, Tensor, Tensor, Tensor], NodeScores]
 
 
-def _fit_cost(result: Any, n: int, batch_size: int, noise: Any) -> float:
-    steps = result.stopped_at or len(result.history)
-    steps = max(steps, result.history[-1]["step"] + 1) if result.history else steps
-    refine = (noise.ranking_info or {}).get("forwards", 0)
-    examples = (noise.ranking_info or {}).get("examples", n)
-    return 3 * steps * min(batch_size, n) / n + refine * examples / n
-
-
 def tl_noise_method(**settings: Any) -> Method:
     """tl-noise with ``settings`` for attach (``form``) and fit (the rest); defaults otherwise."""
     attach = {k: settings.pop(k) for k in ("form",) if k in settings}
@@ -41,8 +33,7 @@ def tl_noise_method(**settings: Any) -> Method:
         with tn.attach_noise(model, HOOKS, calibration_tokens=tokens, **attach) as noise:
             result = tn.fit(model, noise, tokens, loss_mask=mask, quiet=True, **settings)
             scores = tn.node_importance(noise)
-            cost = _fit_cost(result, len(tokens), settings.get("batch_size", 32), noise)
-        return NodeScores(scores, time.perf_counter() - began, cost)
+        return NodeScores(scores, time.perf_counter() - began, result.forwards)
 
     return run
 
@@ -70,10 +61,11 @@ def baseline(name: str) -> Method:
 def methods(include_slow: bool = True) -> dict[str, Method]:
     """Method name -> runner, tl-noise's default first."""
     out: dict[str, Method] = {
-        "tl-noise": tl_noise_method(),
+        "tl-noise": tl_noise_method(),  # replacement noise, refined in context, early stop
+        "tl-noise, additive + refine": tl_noise_method(form="additive"),
+        "tl-noise, one fit (no refine)": tl_noise_method(refine_window=0),
         "tl-noise, additive, one fit": tl_noise_method(form="additive", refine_window=0),
-        "tl-noise, replacement, one fit": tl_noise_method(form="replacement", refine_window=0),
-        "tl-noise, replacement + refine": tl_noise_method(form="replacement"),
+        "tl-noise, refine window 4": tl_noise_method(refine_window=4),
         "tl-noise, path": tl_noise_path,
     }
     for name in BASELINES.names():

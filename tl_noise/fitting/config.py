@@ -74,12 +74,12 @@ class FitConfig:
         512.0, "memory for cached clean next-token distributions (MiB; 0: recompute each step)"
     )
     stable_window: int = _setting(
-        0, "stop once the node ranking has not changed for this many steps (0: run every step)"
+        50, "stop once the node ranking has not changed for this many steps (0: run every step)"
     )
     refine_window: int = _setting(
-        4, "in-context refinement of the ranking: candidates tried per removal (0: off)"
+        8, "in-context refinement of the ranking: candidates tried per removal (0: off)"
     )
-    refine_examples: int = _setting(64, "examples the in-context refinement evaluates on")
+    refine_examples: int = _setting(128, "examples the in-context refinement evaluates on")
     refine_budget: int | None = _setting(
         None, "most forward passes the refinement may spend (default: no cap)", type=int
     )

@@ -14,8 +14,17 @@ from torch import Tensor
 from tl_noise.errors import TLNoiseValueError
 from tl_noise.fitting import distributed
 from tl_noise.fitting.callbacks import Callback, ProgressBar, RunDirectory, versions
-from tl_noise.fitting.checkpoint import read_resume_checkpoint
+from tl_noise.fitting.checkpoint import Checkpoint, read_resume_checkpoint
 from tl_noise.fitting.config import FitConfig
+from tl_noise.fitting.guard import (
+    check_metric_output,
+    check_resume_steps,
+    check_run_dir,
+    completed_result,
+    data_identity,
+    fit_guard,
+    warn_ignored_metric,
+)
 from tl_noise.fitting.inputs import FitData, prepare_data
 from tl_noise.fitting.objectives import resolve_objective
 from tl_noise.fitting.refine import RefineRanking
@@ -26,7 +35,9 @@ from tl_noise.runs.writer import RunWriter
 from tl_noise.tasks.base import Task
 
 
-def _run_config(model: Any, noise: NoiseHooks, data: FitData, config: FitConfig) -> dict:
+def _run_config(
+    model: Any, noise: NoiseHooks, data: FitData, config: FitConfig, metric: Callable | None
+) -> dict:
     return {
         "model": {
             "name": model_name(model),
@@ -37,9 +48,13 @@ def _run_config(model: Any, noise: NoiseHooks, data: FitData, config: FitConfig)
         "noise": noise.config(),
         "fit": config.record(len(data), int(data.tokens.shape[1])),
         "task": data.task_info,
+        "data": data_identity(data, metric),
         "versions": versions(),
         "created": time.time(),
     }
+
+
+_D = FitConfig()  # the defaults below are FitConfig's: every setting is spelled once
 
 
 def fit(
@@ -47,29 +62,30 @@ def fit(
     noise: NoiseHooks,
     tokens: Int[Tensor, "n pos"] | Task,
     loss_mask: Bool[Tensor, "n pos"] | None = None,
-    objective: str | Callable[[Tensor, dict[str, Tensor]], Tensor] = "kl",
-    mode: str = "alphaless",
-    alpha: float = 0.5,
-    budget: float | None = None,
-    steps: int = 500,
-    lr: float = 0.05,
-    batch_size: int = 32,
-    seed: int = 0,
+    objective: str | Callable[[Tensor, dict[str, Tensor]], Tensor] = _D.objective,
+    mode: str = _D.mode,
+    alpha: float = _D.alpha,
+    budget: float | None = _D.budget,
+    steps: int = _D.steps,
+    lr: float = _D.lr,
+    batch_size: int = _D.batch_size,
+    seed: int = _D.seed,
     run_dir: str | Path | None = None,
     resume: bool = False,
     quiet: bool = False,
-    noise_loss_kind: str = "neg_log_mean",
+    noise_loss_kind: str = _D.noise_loss_kind,
     metric: Callable[[Tensor, dict[str, Tensor]], Tensor] | None = None,
-    checkpoint_every: int = 50,
-    log_every: int = 1,
-    budget_lr: float = 0.05,
-    clean_cache_mb: float = 512.0,
+    checkpoint_every: int = _D.checkpoint_every,
+    log_every: int = _D.log_every,
+    budget_lr: float = _D.budget_lr,
+    clean_cache_mb: float = _D.clean_cache_mb,
     task_info: dict[str, Any] | None = None,
     callbacks: Sequence[Callback] = (),
-    stable_window: int = 0,
-    refine_window: int = 4,
-    refine_examples: int = 64,
-    refine_budget: int | None = None,
+    stable_window: int = _D.stable_window,
+    refine_window: int = _D.refine_window,
+    refine_examples: int = _D.refine_examples,
+    refine_budget: int | None = _D.refine_budget,
+    overwrite: bool = False,
 ) -> FitResult:
     """Fit the noise of ``noise`` (attached to ``model``) on ``tokens``; the model stays frozen.
 
@@ -84,7 +100,10 @@ def fit(
         steps, lr, batch_size, seed, ...: the settings of :class:`~tl_noise.fitting.FitConfig`.
         run_dir: write the run directory there (config, history, checkpoints, final noise).
         resume: continue the run in ``run_dir`` from its last checkpoint; the result equals an
-            uninterrupted run with the same settings.
+            uninterrupted run with the same settings and data (more steps extend a run; a
+            completed run resumed with its own steps returns its final noise).
+        overwrite: replace a run already in ``run_dir`` (a run that failed before its first
+            checkpoint is started over anyway, with a warning).
         quiet: no progress bar.
         stable_window: stop once the node ranking has held for this many steps (0: never).
         refine_window, refine_examples, refine_budget: the in-context refinement of the node
@@ -95,6 +114,7 @@ def fit(
     Returns:
         :class:`FitResult` with ``stds``, ``history``, ``importance`` and ``run_dir``.
     """
+    check_run_dir(run_dir)
     data = prepare_data(model, noise, tokens, loss_mask, metric, task_info)
     config = FitConfig(
         objective=objective, mode=mode, alpha=alpha, budget=budget, steps=steps, lr=lr,
@@ -103,34 +123,87 @@ def fit(
         clean_cache_mb=clean_cache_mb, stable_window=stable_window, refine_window=refine_window,
         refine_examples=refine_examples, refine_budget=refine_budget,
     )  # fmt: skip
-    resolve_objective(config.objective, data.metric)
+    with fit_guard(noise):  # SIGTERM stops it like Ctrl-C; the noise's seed and modes come back
+        return _fit(
+            model, noise, data, config, run_dir, resume, overwrite, metric, quiet, callbacks
+        )
+
+
+def _preflight(
+    model: Any,
+    noise: NoiseHooks,
+    data: FitData,
+    config: FitConfig,
+    run_dir: str | Path | None,
+    resume: bool,
+    overwrite: bool,
+    metric: Callable | None,
+) -> tuple[Checkpoint | None, dict[str, Any]]:
+    """Every check before the noise or the run directory changes: ``(checkpoint, run config)``."""
+    kind, metric_fn = resolve_objective(config.objective, data.metric)
+    warn_ignored_metric(config.objective, metric)
     if not noise.attached:
         raise TLNoiseValueError("noise is not attached to the model (call noise.attach() first)")
+    if resume and overwrite:
+        raise TLNoiseValueError("resume=True and overwrite=True contradict each other")
     # read and check the checkpoint before anything (noise, run directory) is changed
     checkpoint = read_resume_checkpoint(model, noise, run_dir) if resume else None
+    if checkpoint is not None:
+        check_resume_steps(run_dir, config, checkpoint[0])
+    if kind == "metric" and metric_fn is not None:  # fails here, not after config.json exists
+        check_metric_output(model, noise, data, metric_fn, config.batch_size)
+    run_config = _run_config(model, noise, data, config, metric_fn) if run_dir is not None else {}
+    return checkpoint, run_config
+
+
+def _fit(
+    model: Any,
+    noise: NoiseHooks,
+    data: FitData,
+    config: FitConfig,
+    run_dir: str | Path | None,
+    resume: bool,
+    overwrite: bool,
+    metric: Callable | None,
+    quiet: bool,
+    callbacks: Sequence[Callback],
+) -> FitResult:
+    checkpoint, run_config = _preflight(
+        model, noise, data, config, run_dir, resume, overwrite, metric
+    )
+    if checkpoint is not None:
+        done = completed_result(model, noise, run_dir, run_config, config.steps)
+        if done is not None:
+            return done
     ctx = distributed.setup()
-    if ctx.active and batch_size < ctx.world:
+    if ctx.active and config.batch_size < ctx.world:
         raise TLNoiseValueError(
-            f"batch_size={batch_size} must be >= the number of ranks ({ctx.world})"
+            f"batch_size={config.batch_size} must be >= the number of ranks ({ctx.world})"
         )
     if noise.calibration_source == "random" and not resume:
         noise.calibrate(data.tokens[: min(64, len(data))])
     writer = None
     if run_dir is not None and ctx.is_main:
-        writer = RunWriter(run_dir, _run_config(model, noise, data, config), resume=resume)
-    trainer = Trainer(model, noise, data, config)
-    if checkpoint is not None:
-        trainer.restore(checkpoint)
+        writer = RunWriter(run_dir, run_config, resume=resume, overwrite=overwrite)
+    try:
+        trainer = Trainer(model, noise, data, config)
+        if checkpoint is not None:
+            trainer.restore(checkpoint)
+            if writer:
+                writer.truncate_history(trainer.start, config.log_every)
+        cfg = config
+        refine = [RefineRanking(cfg.refine_window, cfg.refine_examples, cfg.refine_budget)]
+        trainer.callbacks = [
+            *callbacks,
+            *([distributed.DataParallel(ctx)] if ctx.active else []),
+            ProgressBar(disable=quiet or not ctx.is_main),
+            # before the run directory, which saves the refined ranking with the noise
+            *(refine if cfg.refine_window else []),
+            *([RunDirectory(writer)] if writer else []),
+        ]
+        result = trainer.fit()
+    finally:
         if writer:
-            writer.truncate_history(trainer.start)
-    refine = [RefineRanking(refine_window, refine_examples, refine_budget)] if refine_window else []
-    trainer.callbacks = [
-        *callbacks,
-        *([distributed.DataParallel(ctx)] if ctx.active else []),
-        ProgressBar(disable=quiet or not ctx.is_main),
-        *refine,  # before the run directory, which saves the refined ranking with the noise
-        *([RunDirectory(writer)] if writer else []),
-    ]
-    result = trainer.fit()
+            writer.close()  # its lock (the OS releases it too when the process dies)
     result.run_dir = writer.path if writer else None
     return result

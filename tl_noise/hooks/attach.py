@@ -16,9 +16,11 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -44,8 +46,9 @@ from tl_noise.noise.estimator import RhoEstimator
 from tl_noise.noise.layer import Granularity, NoiseLayer, check_granularity, param_shape_for
 from tl_noise.noise.parameterizations import StandardDeviationParameterization
 
-DEFAULT_FORM = "additive"
-"""The noise form :func:`attach_noise` uses unless told otherwise."""
+DEFAULT_FORM = "replacement"
+"""The noise form :func:`attach_noise` uses unless told otherwise: information-destroying noise
+ranks circuits better than additive noise on the benchmark models (README, Results)."""
 
 
 def attach_noise(
@@ -83,7 +86,8 @@ def attach_noise(
         relative: scale noise by each unit's natural std measured on ``calibration_tokens``
             (uniformly random tokens if none are given; :func:`tl_noise.fit` recalibrates on
             its data in that case).
-        seed: seed of the noise generator (``None``: torch's global RNG).
+        seed: seed of the noise generator and of the initialisation of estimators and
+            covariance factors (``None``: torch's global RNG for both).
         form: ``"additive"`` (``x + sigma s eps``) or ``"replacement"`` (``(1 - sigma) x +
             sigma (mu + s eps)``: information-destroying, sigma = 1 resamples the node); see
             :mod:`tl_noise.noise.forms`.
@@ -98,7 +102,7 @@ def attach_noise(
         calibration_tokens = default_probe_tokens(model)
     check_tokens(model, calibration_tokens, "calibration_tokens")
     explicit = _names_hooks_explicitly(hooks)
-    names = _drop_unsupported(names, explicit)
+    names = _drop_unsupported(names, explicit, hooks)
     stats = collect_activation_stats(model, names, calibration_tokens, require_all=explicit)
     check_finite_stats(stats, names)
     silent = [n for n in names if n not in stats]
@@ -108,22 +112,23 @@ def attach_noise(
     if not names:
         raise ValueError(f"none of the hook points selected by {hooks!r} fires in a forward pass")
     n_positions = calibration_tokens.shape[1] if per_position else None
-    layers = {
-        name: _build_layer(
-            name,
-            stats[name],
-            granularity=granularity,
-            parameterization=parameterization,
-            init_std=init_std,
-            covariance=covariance,
-            learn_mean=learn_mean,
-            n_positions=n_positions,
-            estimator=estimator,
-            relative=relative,
-            form=form,
-        )
-        for name in names
-    }
+    with _seeded(seed):  # the same seed: the same estimator and covariance initialisation
+        layers = {
+            name: _build_layer(
+                name,
+                stats[name],
+                granularity=granularity,
+                parameterization=parameterization,
+                init_std=init_std,
+                covariance=covariance,
+                learn_mean=learn_mean,
+                n_positions=n_positions,
+                estimator=estimator,
+                relative=relative,
+                form=form,
+            )
+            for name in names
+        }
     noise = NoiseHooks(model, layers, seed=seed)
     noise.calibration_source = source
     return noise.attach()
@@ -150,15 +155,30 @@ def _names_hooks_explicitly(hooks: HookSpec) -> bool:
     return not callable(hooks) and all(not _is_pattern(h) for h in hooks)
 
 
-def _drop_unsupported(names: list[str], explicit: bool) -> list[str]:
-    """``names`` without attention scores/patterns; asking for one by name is a ValueError."""
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Within the block torch's CPU RNG is seeded with ``seed`` (and restored afterwards)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
+def _drop_unsupported(names: list[str], explicit: bool, hooks: HookSpec) -> list[str]:
+    """``names`` without attention scores/patterns; asking for one by name, or selecting only
+    such hooks, is a ValueError."""
     unsupported = [n for n in names if n.endswith(UNSUPPORTED_HOOKS)]
-    if unsupported and explicit:
+    kept = [n for n in names if n not in unsupported]
+    if unsupported and (explicit or not kept):
+        how = "" if explicit else f"{hooks!r} selects only attention scores/patterns; "
         raise ValueError(
-            f"noise on attention scores/patterns is not supported ({unsupported}); their shape "
-            "[batch, n_heads, query, key] changes with the sequence length. Noise hook_z instead."
+            f"{how}noise on attention scores/patterns is not supported ({unsupported}); their "
+            "shape [batch, n_heads, query, key] changes with the sequence length. Noise hook_z "
+            "instead."
         )
-    return [n for n in names if n not in unsupported]
+    return kept
 
 
 def _resolve_granularity(granularity: str, unit: tuple[int, ...], name: str) -> Granularity:
@@ -213,7 +233,31 @@ def _build_layer(
         form=form,
     )
     layer.set_natural_scale(stat["std"], stat["mean"])
+    _check_initial_std(layer, init_std, stat["dtype"])
     return layer.to(stat["device"])
+
+
+def _check_initial_std(layer: NoiseLayer, init_std: float, dtype: torch.dtype) -> None:
+    """ValueError unless the first step can be finite: an initial std of 0 (a Direct
+    parameterization from 0) makes the noise loss infinite; one so large that the noise
+    overflows the activations' dtype makes the task loss NaN."""
+    param = layer.parameterization
+    std = float(param(param.inverse(torch.tensor(float(init_std)))))
+    where, kind = layer.name or "this hook", type(param).__name__
+    if not (math.isfinite(std) and std > 0):
+        raise ValueError(
+            f"init_std={init_std!r} at {where} gives an initial std of {std:g} with {kind}: "
+            "the noise loss -log(std) is infinite at step 0; choose an init_std > 0"
+        )
+    top = torch.finfo(dtype if dtype.is_floating_point else torch.float32).max
+    scale = float(layer.natural_scale.max().clamp_min(1e-30))
+    width = max(1, math.prod(layer.unit_shape))  # a layer norm downstream sums this many
+    units = max(1, math.prod(layer.param_shape))  # the noise loss averages this many stds
+    if std * scale * width >= top or std * units >= torch.finfo(torch.float32).max:
+        raise ValueError(
+            f"init_std={init_std!r} at {where} with {kind}: noise of std {std:g} times the "
+            f"natural scale {scale:g} overflows {dtype} at step 0; choose a smaller init_std"
+        )
 
 
 def describe(noise: NoiseHooks) -> str:
