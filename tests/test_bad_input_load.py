@@ -6,6 +6,7 @@ model has no hooks left (contract and fixtures: ``tests/conftest.py``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -22,6 +23,7 @@ from conftest import (
 )
 
 from tl_noise.hooks import NoiseHooks
+from tl_noise.io import read_tensors, tensor_bytes
 
 pytestmark = pytest.mark.tl3
 
@@ -40,6 +42,35 @@ def _edit_config(edit):
 def _rename_hook(config):
     config["order"][0] = "blocks.0.attn.hook_zz"
     config["hooks"]["blocks.0.attn.hook_zz"] = config["hooks"].pop("blocks.0.attn.hook_z")
+
+
+def _edit_state(edit):
+    """Rewrite the state with ``edit(tensors)`` applied and its checksum updated (a file that
+    passes the checksum but holds tensors no fit writes)."""
+
+    def apply(path):
+        tensors = {k: v.clone() for k, v in read_tensors(path / STATE).items()}
+        edit(tensors)
+        data = tensor_bytes(tensors)
+        (path / STATE).write_bytes(data)
+        _edit_config(lambda c: c.update(state_sha256=hashlib.sha256(data).hexdigest()))(path)
+
+    return apply
+
+
+RHOS = "layers.blocks__0__attn__hook_z.rhos"
+
+
+def _nan_rho(tensors):
+    tensors[RHOS][1] = float("nan")
+
+
+def _inf_rho(tensors):
+    tensors[RHOS][0] = float("inf")
+
+
+def _integer_rhos(tensors):
+    tensors[RHOS] = tensors[RHOS].round().long()
 
 
 def _flip_last_byte(path):
@@ -77,6 +108,20 @@ LOAD_CASES = {
         "bad layer settings.*'granularity'",
     ),
     "config-for-a-missing-hook": (_edit_config(_rename_hook), "blocks.0.attn.hook_zz"),
+    "nan-in-state": (_edit_state(_nan_rho), f"{RHOS}' in .* holds NaN or inf values"),
+    "inf-in-state": (_edit_state(_inf_rho), f"{RHOS}' in .* holds NaN or inf values"),
+    "integer-tensor-in-state": (
+        _edit_state(_integer_rhos),
+        f"{RHOS}' in .* has dtype torch.int64, expected a floating-point dtype",
+    ),
+    "newer-format-version": (
+        _edit_config(lambda c: c.update(version=2)),
+        "noise_config.json' has format version 2, newer than the version 1 this tl-noise reads",
+    ),
+    "checksum-deleted": (
+        _edit_config(lambda c: c.pop("state_sha256")),
+        "noise_config.json' has no state_sha256",
+    ),
     "config-granularity-disagrees-with-state": (
         _edit_config(lambda c: c["hooks"]["blocks.1.attn.hook_z"].update(granularity="feature")),
         re.escape("'layers.blocks__1__attn__hook_z.rhos' has shape [4], expected [4, 8]"),

@@ -26,6 +26,7 @@ from tl_noise.fitting.objectives import (
     next_token_mask,
 )
 from tl_noise.hooks import NoiseHooks
+from tl_noise.hooks.owners import all_noise_switched_off
 
 Batch = dict[str, Tensor]
 
@@ -79,7 +80,7 @@ class CleanTargets:
 
     @torch.no_grad()
     def _compute(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        with self.noise.switched_off():
+        with all_noise_switched_off(self.model, self.noise):  # any other NoiseHooks too
             logits = self.model(self.tokens[idx].to(model_device(self.model)))
         return clean_distribution(masked_rows(logits, self.mask[idx].to(logits.device)))
 

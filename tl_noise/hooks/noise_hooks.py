@@ -39,6 +39,8 @@ from tl_noise.hooks.calibration import (
     collect_activation_stats,
     remove_hook,
 )
+from tl_noise.hooks.owners import handle_registered, mark, owners
+from tl_noise.hooks.saved import NOISE_FORMAT_VERSION, check_saved_config, check_saved_state
 from tl_noise.hooks.selection import check_model
 from tl_noise.io import atomic_write_files, json_bytes, read_json, read_tensor_file, tensor_bytes
 from tl_noise.names import module_key
@@ -110,7 +112,9 @@ class NoiseHooks(nn.Module):
 
     @property
     def attached(self) -> bool:
-        return bool(self._handles)
+        """Whether every hook is on the model (``model.reset_hooks(including_permanent=True)``
+        takes them off)."""
+        return bool(self._handles) and all(handle_registered(*h) for h in self._handles)
 
     def layer(self, name: str) -> NoiseLayer:
         return cast(NoiseLayer, self.layers[module_key(name)])  # __init__ puts only NoiseLayers
@@ -120,12 +124,27 @@ class NoiseHooks(nn.Module):
             yield name, self.layer(name)
 
     def attach(self) -> NoiseHooks:
+        """Put the noise on the model; ValueError if another ``NoiseHooks`` is on one of the
+        hook points (two noises on one activation would silently change each other)."""
         if self.attached:
             return self
+        self.remove()  # hooks someone else took off (reset_hooks(including_permanent=True))
+        taken = [
+            name
+            for name in self.hook_names
+            if any(o is not self for o in owners(self._model.hook_dict[name]))
+        ]
+        if taken:
+            raise ValueError(
+                f"hook point(s) {taken} already carry tl-noise noise from another NoiseHooks; "
+                "remove it first (noise.remove()) or put the noise of both in one attach_noise"
+            )
         try:
             for name, layer in self.items():
                 point = self._model.hook_dict[name]
-                self._handles.append((point, add_permanent_hook(point, self._hook_fn(layer))))
+                handle = add_permanent_hook(point, self._hook_fn(layer))
+                self._handles.append((point, handle))
+                mark(point, handle, self)
         except BaseException:
             self.remove()  # all or nothing: never leave some hooks behind
             raise
@@ -150,6 +169,7 @@ class NoiseHooks(nn.Module):
                     f"the activation there is on {activation.device}; attach the noise after "
                     "moving the model (each layer follows its hook's device)"
                 )
+            layer.check_activation(activation.shape)  # a clear error, not a reshape's
             return layer(activation, generator=self.generator(activation.device))
 
         return noise_hook
@@ -255,7 +275,7 @@ class NoiseHooks(nn.Module):
     def config(self) -> dict[str, Any]:
         return {
             "format": "tl-noise/noise-hooks",
-            "version": 1,
+            "version": NOISE_FORMAT_VERSION,
             "hooks": {name: layer.to_config() for name, layer in self.items()},
             "order": self.hook_names,
             "fingerprint": self.fingerprint,
@@ -326,7 +346,7 @@ class NoiseHooks(nn.Module):
         """Load noise saved with :meth:`save` onto ``model`` (never unpickles)."""
         path = Path(path)
         config = read_json(path / CONFIG_FILE, "noise config")
-        expected = config.get("state_sha256") if isinstance(config, dict) else None
+        expected = check_saved_config(config, path / CONFIG_FILE)
         check_noise_config_size(config, str(path / CONFIG_FILE))  # before anything is allocated
         try:
             hooks = cls.from_config(config, model)
@@ -338,15 +358,7 @@ class NoiseHooks(nn.Module):
         data, state = read_tensor_file(path / STATE_FILE, "noise state", limit, why)
         if expected and hashlib.sha256(data).hexdigest() != expected:  # the bytes read once
             raise ValueError(f"{str(path / STATE_FILE)!r} does not match its config (checksum)")
-        bad = sorted(set(own) ^ set(state))
-        if bad:
-            raise ValueError(f"noise state in {str(path)!r} has missing/unexpected tensors: {bad}")
-        for key, value in state.items():
-            if tuple(value.shape) != tuple(own[key].shape):
-                raise ValueError(
-                    f"noise state tensor {key!r} has shape {list(value.shape)}, expected "
-                    f"{list(own[key].shape)}"
-                )
+        check_saved_state(state, own, path)
         hooks.load_state_dict(state)
         return hooks.attach() if attach else hooks
 

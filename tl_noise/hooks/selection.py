@@ -30,12 +30,13 @@ def check_model(model: Any) -> None:
 
 def check_tokens(model: Any, tokens: Any, what: str = "tokens") -> None:
     """TypeError/ValueError naming the problem unless ``tokens`` is a non-empty ``[n, pos]``
-    integer tensor of ids in ``[0, d_vocab)`` on a real device."""
+    int64/int32 tensor of ids in ``[0, d_vocab)`` on a real device."""
     kind = f"{what} must be an int tensor [n, pos]"
     if not isinstance(tokens, Tensor):
         raise TypeError(f"{kind}, got {type(tokens).__name__}")
-    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-        raise TypeError(f"{kind}, got dtype {tokens.dtype}")
+    if tokens.dtype not in (torch.int64, torch.int32):  # what an embedding lookup takes
+        hint = "" if tokens.is_floating_point() or tokens.dtype == torch.bool else "; use .long()"
+        raise TypeError(f"{kind} (int64 or int32), got dtype {tokens.dtype}{hint}")
     if tokens.ndim != 2:
         raise TypeError(f"{kind}, got shape {list(tokens.shape)}")
     if tokens.device.type == "meta":
