@@ -1,10 +1,19 @@
-# One entry point. `make demo` runs the main job on the embedded model; `make test` runs every
+# One entry point. `make demo` runs the main job on a shipped benchmark model; `make test` runs every
 # test (TransformerLens 4.x suite, then the 3.x pass). Both create the virtual environments they
 # need inside the repository on first use (scripts/bootstrap.sh) and reuse them afterwards.
-.PHONY: demo test lint venv venv-tl3 browser screenshot hooks bench clean
+.PHONY: demo app fast test lint venv venv-tl3 browser screenshot hooks bench clean
 
 demo: venv
 	.venv/bin/tl-noise demo $(ARGS)
+
+# the dashboard over a run or a folder of runs: make app RUN=runs/...
+app: venv
+	.venv/bin/tl-noise app $(or $(RUN),runs) $(ARGS)
+
+# the quick loop: ruff and the fast tests (no slow, browser or 3.x pass)
+fast: venv
+	.venv/bin/ruff check .
+	.venv/bin/python -m pytest -q -p no:cacheprovider -n 2 -m "not slow and not browser"
 
 test: venv venv-tl3 browser
 	bash scripts/test.sh
@@ -27,7 +36,7 @@ screenshot: venv browser
 
 bench: venv venv-tl3
 	.venv/bin/python benchmarks/perf.py $(ARGS)
-	.venv/bin/python benchmarks/attribution_quality.py
+	.venv/bin/python -m benchmarks.quality
 
 hooks:
 	git config core.hooksPath hooks

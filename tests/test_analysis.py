@@ -326,7 +326,6 @@ def test_baselines_find_the_embedded_induction_circuit():
     assert roc_auc(activation_patching_scores(model, task).scores, truth) >= 0.9
 
 
-@pytest.mark.skipif(not EMBEDDED.exists(), reason="the embedded model is not trained yet")
 def test_attribution_quality_benchmark_runs(tmp_path):
     import importlib.util
 
@@ -335,9 +334,12 @@ def test_attribution_quality_benchmark_runs(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "aq.json"
-    labels = tmp_path / "labels.json"
-    labels.write_text('{"ground_truth": {"induction": [[1, 1]], "other": [[0, 2]]}}')
-    report = bench.main(["--steps", "2", "--n", "16", "--labels", str(labels), "--json", str(out)])
-    assert out.exists()
-    assert [r["method"] for r in report["rows"]][0] == "tl-noise"
-    assert all(r["circuit_size"] == 2 and 0 <= r["auc"] <= 1 for r in report["rows"])
+    methods = ["tl-noise, one fit (no refine)", "mean ablation", "attribution patching (TL)"]
+    report = bench.main(["--models", "induction", "--n", "16", "--methods", *methods,
+                         "--json", str(out)])  # fmt: skip
+    assert out.exists() and (tmp_path / "exact-induction-n16").is_dir()
+    rows = report["induction"]["methods"]
+    assert list(rows) == methods
+    for row in rows.values():
+        assert 0 < row["area_ratio"] <= 1 + 1e-9 and row["forwards"] > 0
+        assert len(row["curve"]) == 9  # k = 0..8 heads

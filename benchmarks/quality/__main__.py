@@ -44,11 +44,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def exact_table(name: str, model: Any, tokens: torch.Tensor, mask: torch.Tensor) -> Any:
+def exact_table(
+    name: str, model: Any, tokens: torch.Tensor, mask: torch.Tensor, cache: Path = RESULTS
+) -> Any:
     """The exact table of ``name`` on this evaluation set: the shipped one for the standard set
     (:func:`tl_noise.zoo.exact_table_path`), else computed once and cached in the results."""
     shipped = exact_table_path(name)
-    folder = shipped if len(tokens) == EVAL_N else RESULTS / f"exact-{name}-n{len(tokens)}"
+    folder = shipped if len(tokens) == EVAL_N else cache / f"exact-{name}-n{len(tokens)}"
     if (folder / "exact_table.json").is_file():
         return exact.ExactTable.load(folder)
     began = time.perf_counter()
@@ -71,7 +73,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     corrupted = bench.corrupted_tokens(task)
     nodes = circuit_nodes(model)
     print(f"\n== {name}: {len(nodes)} nodes ({node_count(model)}), {len(tokens)} sequences")
-    table = exact_table(name, model, tokens, mask)
+    table = exact_table(name, model, tokens, mask, args.json.parent)
     rows = {}
     for method, run in methods(include_slow=not args.no_slow).items():
         if args.methods and method not in args.methods:
@@ -102,15 +104,15 @@ def print_row(method: str, row: dict[str, Any]) -> None:
           f"{auc:6.3f} {row['seconds']:7.1f} {row['forwards']:8.1f}", flush=True)  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {name: run_model(name, args) for name in args.models}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1, default=float))
     print(f"\nresults: {args.json}")
-    return 0
+    return results
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()
