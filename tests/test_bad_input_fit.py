@@ -54,6 +54,7 @@ FIT_ARG_CASES = {
     "unknown-objective": ({"objective": "mse"}, "objective='mse'"),
     "unknown-noise-loss": ({"noise_loss_kind": "l2"}, "noise_loss_kind='l2'"),
     "resume-without-run-dir": ({"resume": True}, "resume=True needs run_dir"),
+    "run-dir-empty": ({"run_dir": ""}, "run_dir=''; pass a directory path"),
 }
 
 
@@ -89,6 +90,9 @@ FIT_DATA_CASES = {
     "no-examples": (lambda t: t[:0], None, ValueError, re.escape("shape [0, 12]: the dataset")),
     "no-positions": (lambda t: t[:, :0], None, ValueError, re.escape("shape [24, 0]: the data")),
     "tokens-float": (lambda t: t.float(), None, TypeError, "dtype torch.float32"),
+    "tokens-int8": (lambda t: t.to(torch.int8), None, TypeError, "dtype torch.int8; use .long"),
+    "tokens-int16": (lambda t: t.to(torch.int16), None, TypeError, "dtype torch.int16"),
+    "tokens-uint8": (lambda t: t.to(torch.uint8), None, TypeError, "dtype torch.uint8"),
     "tokens-bool": (lambda t: t > 20, None, TypeError, "dtype torch.bool"),
     "tokens-one-dimensional": (lambda t: t[0], None, TypeError, re.escape("shape [12]")),
     "tokens-on-meta-device": (lambda t: t.to("meta"), None, ValueError, "meta device"),
@@ -121,6 +125,31 @@ def test_fit_rejects_data(case, tiny_model, data, intact):
         with pytest.raises(exc, match=match):
             fit(tiny_model, noise, bad_tokens, loss_mask=bad_mask, steps=2, quiet=True)
         assert_same_state(noise_state(noise), before)
+
+
+METRIC_CASES = {
+    # what the metric returns -> the error fit raises before it writes anything
+    "non-scalar": (lambda lg, b: lg[:, -1, 3], ValueError, re.escape("shape [8]; expected a 0-d")),
+    "no-grad": (lambda lg, b: lg[:, -1, 3].mean().detach(), ValueError, "does not require grad"),
+    "a-float": (lambda lg, b: lg[:, -1, 3].mean().item(), TypeError, "returned float"),
+    "none": (lambda lg, b: None, TypeError, "returned NoneType None"),
+    "an-int-tensor": (lambda lg, b: lg.argmax(), TypeError, "returned a torch.int64 tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(METRIC_CASES))
+def test_fit_rejects_a_bad_metric_before_writing(case, tiny_model, data, intact, tmp_path):
+    metric, exc, match = METRIC_CASES[case]
+    tokens, mask = data
+    run = tmp_path / "run"
+    with attach(tiny_model, tokens) as noise:
+        before = noise_state(noise)
+        with pytest.raises(exc, match=match):
+            fit(tiny_model, noise, tokens, loss_mask=mask, objective=metric, steps=2,
+                batch_size=8, run_dir=run, quiet=True)  # fmt: skip
+        assert_same_state(noise_state(noise), before)
+        assert noise.mode == "sample"
+    assert not run.exists()  # nothing written: the same fit may run there once fixed
 
 
 def test_fit_rejects_a_model_that_is_not_transformer_lens(tiny_model, data, intact):
@@ -202,8 +231,8 @@ def test_infinite_loss_names_the_step(tiny_model, data, intact):
     calls = []
 
     def metric(logits, batch):
-        calls.append(1)
-        return logits[:, -1].mean() * 0 + (INF if len(calls) > 3 else 0.0)
+        calls.append(1)  # the first call is fit's check of what the metric returns
+        return logits[:, -1].mean() * 0 + (INF if len(calls) > 4 else 0.0)
 
     with attach(tiny_model, tokens) as noise:
         with pytest.raises(FloatingPointError, match=r"non-finite loss at step 3 \(task inf"):

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +76,39 @@ def _write_temporary(path: Path, data: bytes) -> str:
     return tmp
 
 
+DEFERRED_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Within the block Ctrl-C/SIGTERM/SIGHUP are held back and delivered once it ends.
+
+    A write is then never cut short between its temporary file and its rename (a second Ctrl-C
+    while the first one's status is being written leaves no stray temporary file and no stale
+    file). Only the main thread can change signal handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    saved: dict[int, Any] = {}
+    try:
+        for sig in DEFERRED_SIGNALS:
+            previous = signal.getsignal(sig)
+            if previous is None:  # a handler installed outside Python: leave it alone
+                continue
+            saved[sig] = previous
+            signal.signal(sig, lambda signum, frame: pending.append(signum))
+        yield
+    finally:
+        for sig, previous in saved.items():
+            signal.signal(sig, previous)
+        for sig in dict.fromkeys(pending):
+            signal.raise_signal(sig)  # now handled as it would have been
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temporary file, fsync, rename).
 
@@ -84,39 +121,42 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_files(files: dict[Path, bytes]) -> None:
     """Write several files so that a failed write changes none of them: every temporary file is
     written and fsync'ed before the first rename (used for files that must agree, such as a
-    noise state and the config holding its checksum)."""
-    written: list[tuple[str, Path]] = []
-    try:
-        for path, data in files.items():
-            written.append((_write_temporary(Path(path), data), Path(path)))
-        for tmp, path in written:
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp, _ in written:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-    for folder in dict.fromkeys(path.parent for _, path in written):
-        _fsync_dir(folder)
+    noise state and the config holding its checksum). Interrupts wait until the files are in
+    place (:func:`signals_deferred`)."""
+    with signals_deferred():
+        written: list[tuple[str, Path]] = []
+        try:
+            for path, data in files.items():
+                written.append((_write_temporary(Path(path), data), Path(path)))
+            for tmp, path in written:
+                os.replace(tmp, path)
+        except BaseException:
+            for tmp, _ in written:
+                Path(tmp).unlink(missing_ok=True)
+            raise
+        for folder in dict.fromkeys(path.parent for _, path in written):
+            _fsync_dir(folder)
 
 
 def append_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Append ``data`` to ``path`` with one write and fsync it. If the write fails (a full disk)
     the file is cut back to its previous length, so it never keeps part of ``data``."""
     path = Path(path)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-    try:
-        size = os.fstat(fd).st_size
+    with signals_deferred():
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         try:
-            _write_all(fd, data, path)
-            os.fsync(fd)
-        except BaseException as err:
-            os.ftruncate(fd, size)
-            wrapped = _with_path(err, path)
-            if wrapped is err:
-                raise
-            raise wrapped from err
-    finally:
-        os.close(fd)
+            size = os.fstat(fd).st_size
+            try:
+                _write_all(fd, data, path)
+                os.fsync(fd)
+            except BaseException as err:
+                os.ftruncate(fd, size)
+                wrapped = _with_path(err, path)
+                if wrapped is err:
+                    raise
+                raise wrapped from err
+        finally:
+            os.close(fd)
 
 
 def json_bytes(obj: Any) -> bytes:

@@ -114,12 +114,13 @@ class RunDirectory(Callback):
             self.pending = []
             tensors = optimizer_tensors(trainer.optimizer)
             self.writer.checkpoint(done, trainer.noise.save, trainer.state(), tensors)
-            self.writer.status("completed" if last else "running", done)
+            # "completed" only once final/ and summary.json describe this run (on_fit_end)
+            self.writer.status("running", done)
 
     def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
         self.writer.append_history(self.pending)
         self.pending = []
-        history = result.history
+        history = result.history or self.writer.last_records()
         done = result.stopped_at or trainer.config.steps
         summary = {
             "importance": result.importance.tolist() if result.importance is not None else None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,28 @@ from tl_noise.io import (
 )
 from tl_noise.runs.format import CHECKPOINTS, CONFIG, FINAL, HISTORY, RUN_FORMAT, STATUS, SUMMARY
 from tl_noise.runs.history import read_history
+from tl_noise.runs.lock import RunLock
+
+RUN_FILES = (CONFIG, STATUS, HISTORY, SUMMARY, CHECKPOINTS, FINAL, f".tmp_{FINAL}")
+"""What a fit writes into its run directory (what starting a run over removes)."""
 
 
 class RunWriter:
-    """Writes one run directory (used by :func:`tl_noise.fit`; rank 0 only when distributed)."""
+    """Writes one run directory (used by :func:`tl_noise.fit`; rank 0 only when distributed).
 
-    def __init__(self, path: str | os.PathLike, config: dict[str, Any], resume: bool = False):
+    It holds the directory's lock (:class:`~tl_noise.runs.lock.RunLock`) from before it looks at
+    the directory until :meth:`close`: a second writer fails at once, naming the holder's PID.
+    A new run goes into an empty directory, one whose run failed before its first checkpoint
+    (started over, with a warning), or any run with ``overwrite=True``.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        config: dict[str, Any],
+        resume: bool = False,
+        overwrite: bool = False,
+    ):
         self.path = Path(path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -38,31 +55,44 @@ class RunWriter:
             probe.unlink()
         except OSError as err:
             raise ValueError(f"run_dir {str(self.path)!r} is not writable: {err}") from err
+        self.lock = RunLock(self.path).acquire()
+        try:
+            self._open(config, resume, overwrite)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def close(self) -> None:
+        """Release the directory's lock (the files stay)."""
+        self.lock.release()
+
+    def _open(self, config: dict[str, Any], resume: bool, overwrite: bool) -> None:
         existing = self.path / CONFIG
         if resume:
             if not existing.exists():
                 raise ValueError(f"resume=True but {str(self.path)!r} holds no run to resume")
             old = read_json(existing, "run config")
+            check_resumable(self.path, old, config)
             # a run may be extended (more steps); every other setting must match
-            diff = config_differences(
-                {k: v for k, v in old.get("fit", {}).items() if k != "steps"},
-                {k: v for k, v in config.get("fit", {}).items() if k != "steps"},
-            )
-            if diff:
+            updated = {**old, "fit": {**old["fit"], "steps": config["fit"]["steps"]}}
+            if "data" in config and not isinstance(old.get("data"), dict):
+                updated["data"] = config["data"]  # from now on, resuming checks the data
+            if updated != old:
+                write_json(existing, updated)
+            return
+        if existing.exists():
+            reason = "overwrite=True" if overwrite else restartable(self.path)
+            if not reason:
                 raise ValueError(
-                    f"cannot resume {str(self.path)!r} with a different config: {diff}"
+                    f"run_dir {str(self.path)!r} already holds a run; pass resume=True to "
+                    "continue it, overwrite=True (tl-noise --force) to replace it, or choose "
+                    "another directory"
                 )
-            if "steps" in config.get("fit", {}):
-                write_json(
-                    existing, {**old, "fit": {**old["fit"], "steps": config["fit"]["steps"]}}
-                )
-        elif existing.exists():
-            raise ValueError(
-                f"run_dir {str(self.path)!r} already holds a run; pass resume=True to continue it "
-                "or choose another directory"
+            warnings.warn(
+                f"starting the run in {str(self.path)!r} over ({reason})", UserWarning, stacklevel=4
             )
-        else:
-            write_json(existing, {"format": RUN_FORMAT, "version": 1, **config})
+            clear_run(self.path)
+        write_json(existing, {"format": RUN_FORMAT, "version": 1, **config})
 
     def status(self, state: str, step: int, message: str = "") -> None:
         write_json(self.path / STATUS, {"state": state, "step": step, "message": message})
@@ -75,9 +105,19 @@ class RunWriter:
         data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
         append_bytes(self.path / HISTORY, data)
 
-    def truncate_history(self, before_step: int) -> None:
-        """Keep only complete history records with ``step < before_step`` (used on resume)."""
-        kept = [r for r in read_history(self.path) if r["step"] < before_step]
+    def last_records(self) -> list[dict[str, Any]]:
+        """The history's last complete record (as a list; empty without one)."""
+        return read_history(self.path)[-1:]
+
+    def truncate_history(self, before_step: int, log_every: int = 1) -> None:
+        """Keep only complete history records with ``step < before_step`` on the ``log_every``
+        grid (used on resume: an extended run drops its old last step's off-grid record, so the
+        history is that of an uninterrupted run)."""
+        kept = [
+            r
+            for r in read_history(self.path)
+            if r["step"] < before_step and r["step"] % log_every == 0
+        ]
         atomic_write_bytes(
             self.path / HISTORY,
             "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in kept).encode(),
@@ -136,3 +176,94 @@ def read_trainer_state(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor]]
         read_json(folder / "trainer_state.json", "trainer state"),
         read_tensors(folder / "optimizer_state.safetensors", "optimizer state"),
     )
+
+
+def read_status(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The run's ``status.json``, or None when it is missing or unreadable."""
+    try:
+        status = read_json(Path(path) / STATUS, "run status")
+    except ValueError:
+        return None
+    return status if isinstance(status, dict) else None
+
+
+def restartable(path: str | os.PathLike) -> str:
+    """Why the run in ``path`` may be started over (it failed before its first checkpoint, so
+    there is nothing to resume), or ``""`` when it may not. Called with the lock held: a
+    ``"running"`` status then belongs to a writer that died."""
+    if latest_checkpoint(path) is not None:
+        return ""
+    status = read_status(path)
+    state = status.get("state") if status else None
+    if state in (None, "failed", "interrupted", "running"):
+        return f"its earlier fit ended before the first checkpoint (status {state or 'missing'})"
+    return ""
+
+
+def clear_run(path: str | os.PathLike) -> None:
+    """Remove the files a fit wrote into ``path`` (:data:`RUN_FILES`); other files stay."""
+    for name in RUN_FILES:
+        target = Path(path) / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+
+
+def check_resumable(path: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """ValueError naming what differs between the run's config and a resume's (every fit setting
+    but ``steps``, and the data: tokens, loss mask, extras and metric)."""
+    diff = config_differences(
+        {k: v for k, v in old.get("fit", {}).items() if k != "steps"},
+        {k: v for k, v in new.get("fit", {}).items() if k != "steps"},
+    )
+    if diff:
+        raise ValueError(f"cannot resume {str(path)!r} with a different config: {diff}")
+    if "data" not in new:
+        return
+    if not isinstance(old.get("data"), dict):
+        warnings.warn(
+            f"the run in {str(path)!r} was written before tl-noise recorded its data; resuming "
+            "cannot check that the tokens, loss mask and metric are the ones it was fitted on",
+            UserWarning,
+            stacklevel=5,
+        )
+        return
+    changed = data_differences(old["data"], new["data"], path)
+    if changed:
+        raise ValueError(
+            f"cannot resume {str(path)!r} with other data: {'; '.join(changed)} (resume with "
+            "the tokens, loss_mask and metric the run was started with)"
+        )
+
+
+def data_differences(old: dict[str, Any], new: dict[str, Any], path: Path) -> list[str]:
+    """What changed between two ``"data"`` sections of run configs."""
+    changed = [
+        f"{key} changed (sha256 {str(old.get(key))[:12]} -> {str(new.get(key))[:12]})"
+        for key in ("tokens", "loss_mask")
+        if old.get(key) != new.get(key)
+    ]
+    before, after = old.get("extras") or {}, new.get("extras") or {}
+    names = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    if names:
+        changed.append(f"extras {names} changed")
+    metric = _metric_difference(old.get("metric"), new.get("metric"), path)
+    return changed + ([metric] if metric else [])
+
+
+def _metric_difference(a: Any, b: Any, path: Path) -> str:
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return "" if a == b else f"metric changed ({a!r} -> {b!r})"
+    if a.get("name") != b.get("name"):
+        return f"metric changed ({a.get('name')!r} -> {b.get('name')!r})"
+    if a.get("source_sha256") and b.get("source_sha256"):
+        same = a["source_sha256"] == b["source_sha256"]
+        return "" if same else f"metric changed (the source of {b.get('name')!r} differs)"
+    warnings.warn(
+        f"the source of the metric {b.get('name')!r} is not available: resuming "
+        f"{str(path)!r} cannot check that it is the metric the run was fitted with",
+        UserWarning,
+        stacklevel=6,
+    )
+    return ""
