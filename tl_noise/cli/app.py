@@ -15,6 +15,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +65,9 @@ def launch(
 ) -> subprocess.Popen:
     """Serve the dashboard over a run directory or a folder of runs at ``http://host:port``.
 
-    ``block=True`` waits until the server exits (Ctrl-C stops it); otherwise the running
-    process is returned and the caller stops it (``proc.terminate()``).
+    ``block=True`` waits until the server exits (Ctrl-C, SIGTERM or SIGHUP stops it: the
+    signal is passed on to the server, which is never left running without this process);
+    otherwise the running process is returned and the caller stops it (``proc.terminate()``).
     """
     try:
         import streamlit  # noqa: F401
@@ -74,18 +77,45 @@ def launch(
         ) from err
     proc = subprocess.Popen(dashboard_command(run_dir_or_root, port, host, headless))
     if block:
-        try:
-            proc.wait()
-        except KeyboardInterrupt:
-            proc.terminate()
-            proc.wait(timeout=10)
+        wait_forwarding_signals(proc)
     return proc
+
+
+FORWARDED = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+def wait_forwarding_signals(proc: subprocess.Popen, grace: float = 10.0) -> int:
+    """Wait for ``proc``; SIGTERM/SIGHUP sent to this process are passed on to it, and Ctrl-C
+    terminates it. If it has not stopped ``grace`` seconds after that, it is killed."""
+    received: list[float] = []  # when a signal was passed on
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(time.monotonic())
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED} if main else {}
+    try:
+        while True:
+            try:
+                return proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                if received and time.monotonic() > received[0] + grace:
+                    proc.kill()  # it ignored the signal passed on
+            except KeyboardInterrupt:
+                if proc.poll() is None:
+                    proc.terminate()
+                received.append(time.monotonic())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def cmd_app(args: argparse.Namespace) -> int:
     """``tl-noise app``: serve until stopped; Ctrl-C is a normal exit."""
     proc = launch(args.root, port=args.port, host=args.host, block=True)
-    stopped = (None, 0, -signal.SIGINT, -signal.SIGTERM)
+    stopped = (None, 0, -signal.SIGINT, -signal.SIGTERM, -getattr(signal, "SIGHUP", 1))
     return 0 if proc.returncode in stopped else int(proc.returncode)
 
 
