@@ -23,7 +23,16 @@ from tl_noise.io import (
     write_json,
     write_tensors,
 )
-from tl_noise.runs.format import CHECKPOINTS, CONFIG, FINAL, HISTORY, RUN_FORMAT, STATUS, SUMMARY
+from tl_noise.runs.format import (
+    CHECKPOINTS,
+    CONFIG,
+    FINAL,
+    HISTORY,
+    RUN_FORMAT,
+    STATUS,
+    SUMMARY,
+    checkpoint_folder,
+)
 from tl_noise.runs.history import read_history
 from tl_noise.runs.lock import RunLock
 
@@ -162,12 +171,12 @@ def latest_checkpoint(path: str | os.PathLike) -> tuple[int, Path] | None:
     root = Path(path) / CHECKPOINTS
     try:
         info = read_json(root / "latest.json", "checkpoint pointer")
-        folder = root / info["path"]
+        folder = checkpoint_folder(root, info["path"])  # a plain child name, never ../ or /
         if folder.is_dir():
             return int(info["step"]), folder
     except (ValueError, KeyError, TypeError):
         pass
-    steps = sorted(root.glob("step_*")) if root.exists() else []
+    steps = sorted(p for p in root.glob("step_*") if not p.is_symlink()) if root.exists() else []
     return (int(steps[-1].name.split("_")[1]), steps[-1]) if steps else None
 
 
