@@ -86,3 +86,24 @@ def test_load_refuses_non_circuit_files(tmp_path):
     (tmp_path / "x.json").write_text(json.dumps({"nodes": []}))
     with pytest.raises(ValueError, match="not a MIB circuit file"):
         tn.load_circuit(tmp_path / "x.json")
+
+
+def test_the_dashboard_offers_the_runs_circuit_as_mib_json(tmp_path):
+    pytest.importorskip("streamlit")
+    from tl_noise.dashboard.views import mib_circuit_json
+    from tl_noise.runs import Run
+
+    model = freeze(build_native_model(TINY))
+    tokens, mask = tiny_data()
+    with tn.attach_noise(model, ["blocks.*.attn.hook_z", "blocks.*.hook_mlp_out"],
+                         calibration_tokens=tokens) as noise:  # fmt: skip
+        tn.fit(model, noise, tokens, loss_mask=mask, steps=3, batch_size=8, quiet=True,
+               run_dir=tmp_path / "run")  # fmt: skip
+        scores = tn.node_importance(noise)
+    raw = json.loads(mib_circuit_json(Run(tmp_path / "run")))
+    assert raw["cfg"]["n_layers"] == 2 and raw["cfg"]["parallel_attn_mlp"] is False
+    assert {n: v["score"] for n, v in raw["nodes"].items() if n in scores} == pytest.approx(scores)
+    (tmp_path / "c.json").write_text(json.dumps(raw))
+    assert tn.load_circuit(tmp_path / "c.json").ranking() == tn.load_circuit(
+        tn.save_circuit(scores, tmp_path / "d.json", model)
+    ).ranking()

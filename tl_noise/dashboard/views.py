@@ -310,6 +310,15 @@ def ranking(run: Run, truth: dict[str, list[list[int]]] | None) -> None:
             file_name=f"{run.name}-ranking.csv",
             mime="text/csv",
         )
+        circuit = mib_circuit_json(run)
+        if circuit is not None:
+            st.download_button(
+                "Download circuit (MIB JSON)",
+                circuit,
+                file_name=f"{run.name}-circuit.json",
+                mime="application/json",
+                key="mib-circuit",
+            )
     with section("the faithfulness curve"):
         curve = run.faithfulness()
         if curve:
@@ -317,3 +326,22 @@ def ranking(run: Run, truth: dict[str, list[list[int]]] | None) -> None:
     if truth:
         st.markdown("**Ground truth** (from the model):")
         st.code(json.dumps(truth), language="json")
+
+
+def mib_circuit_json(run: Run) -> str | None:
+    """The run's node ranking as MIB's circuit JSON (every scored node in the graph), or None
+    when the run recorded no node scores."""
+    from tl_noise.runs.circuits import circuit_payload
+
+    try:
+        scores = (run.summary() or {}).get("node_importance")
+    except ValueError:
+        return None
+    if not isinstance(scores, dict) or not scores:
+        return None
+    fingerprint = run.config["model"]["fingerprint"]
+    cfg = {k: fingerprint.get(k) for k in ("n_layers", "n_heads", "d_model", "attn_only")}
+    try:
+        return json.dumps(circuit_payload(scores, cfg))
+    except (ValueError, TypeError):
+        return None

@@ -122,8 +122,22 @@ def save_circuit(
     ``scores``: ``{node: score}`` (``tn.node_importance(noise)``); nodes without a score (not
     noised) are written with score 0 and ``in_graph: false``. The circuit is the top ``size``
     scored nodes, or the nodes in ``circuit``, or (neither given) every scored node. ``model``
-    supplies MIB's ``cfg`` (n_layers, n_heads, d_model, parallel_attn_mlp).
+    supplies MIB's ``cfg`` (n_layers, n_heads, d_model, parallel_attn_mlp; a dict works too).
     """
+    payload = circuit_payload(scores, model, size, circuit, edge_scores)
+    path = Path(path)
+    write_json(path, payload)
+    return path
+
+
+def circuit_payload(
+    scores: Mapping[str, float],
+    model: Any,
+    size: int | None = None,
+    circuit: Collection[str] | None = None,
+    edge_scores: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """The JSON object :func:`save_circuit` writes (same arguments, no file)."""
     if not isinstance(scores, Mapping):
         raise TLNoiseTypeError(
             f"scores must be a {{node: score}} mapping, got {type(scores).__name__}"
@@ -147,16 +161,13 @@ def save_circuit(
             "score": float((edge_scores or {}).get(name, 0.0)),
             "in_graph": parent in in_graph and child in in_graph,
         }
-    payload = {
+    return {
         "cfg": {k: v for k, v in cfg.items() if k != "attn_only"},
         "nodes": {
             n: {"score": float(scores.get(n, 0.0)), "in_graph": n in in_graph} for n in nodes
         },
         "edges": edges,
     }
-    path = Path(path)
-    write_json(path, payload)
-    return path
 
 
 def load_circuit(path: str | os.PathLike[str]) -> Circuit:
