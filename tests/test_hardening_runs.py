@@ -158,6 +158,20 @@ def test_a_lambda_metric_resumes_from_another_line(tiny_model, data, intact, tmp
         _resume(tiny_model, tokens, mask, run, objective=lambda lg, b: lg[:, -1, 4].mean(), steps=6)
 
 
+def test_a_metric_without_source_resumes_with_a_warning(tiny_model, data, intact, tmp_path):
+    namespace: dict = {}
+    exec("def metric(lg, b):\n    return lg[:, -1, 3].mean()\n", namespace)  # no source file
+    tokens, mask = data
+    run = tmp_path / "run"
+    with attach(tiny_model, tokens) as noise:
+        fit(tiny_model, noise, tokens, loss_mask=mask, objective=namespace["metric"], steps=2,
+            run_dir=run, **FIT)  # fmt: skip
+    assert read_json(run / "config.json")["data"]["metric"]["source_sha256"] is None
+    with pytest.warns(UserWarning, match="source of the metric .* is not available"):
+        _resume(tiny_model, tokens, mask, run, steps=4, objective=namespace["metric"])
+    assert status_of(run)["state"] == "completed"
+
+
 def test_a_run_written_before_the_data_hash_resumes_with_a_warning(
     tiny_model, data, intact, run_copy
 ):
