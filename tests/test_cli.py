@@ -29,16 +29,26 @@ def test_help(command):
 
 @pytest.mark.slow
 def test_demo_ranks_the_embedded_circuit(tmp_path):
-    proc = run("demo", "--no-app", "--steps", "150", "--run-dir", str(tmp_path / "demo"), "--quiet")
+    proc = run("demo", "--model", "induction", "--no-app", "--steps", "150", "--run-dir",
+               str(tmp_path / "demo"), "--quiet")  # fmt: skip
     out = proc.stdout
-    assert "rank" in out and "ground truth" in out
+    assert "tl-noise" in out and "mean ablation" in out and "attribution patching (TL)" in out
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     config = json.loads((tmp_path / "demo" / "config.json").read_text())
     truth = {tuple(h) for heads in config["model"]["ground_truth"].values() for h in heads}
     top = {(r["layer"], r["head"]) for r in summary["ranking"][: len(truth)]}
-    assert top == truth  # the learned noise puts exactly the circuit heads on top
+    assert top == truth  # the fitted and refined ranking puts exactly the circuit heads on top
     show = run("show", str(tmp_path / "demo")).stdout
     assert "L" in show and "std" in show
+
+
+@pytest.mark.slow
+def test_demo_on_the_backup_model_prints_the_exact_comparison(tmp_path):
+    proc = run("demo", "--no-app", "--steps", "60", "--run-dir", str(tmp_path / "demo"),
+               "--quiet")  # fmt: skip
+    assert "best ranking (exact)" in proc.stdout and "k90*" in proc.stdout
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert len(summary["node_importance"]) == 15  # 3 layers x (4 heads + MLP)
 
 
 @pytest.mark.slow

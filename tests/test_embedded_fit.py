@@ -34,7 +34,8 @@ def test_learned_noise_ranks_the_circuit_first(embedded, mode):
     truth = ground_truth_mask(model.ground_truth, model.cfg.n_layers, model.cfg.n_heads)
     assert roc_auc(result.importance.flatten(), truth.flatten()) == 1.0
     stds = torch.stack([result.stds[f"blocks.{i}.attn.hook_z"] for i in range(2)])
-    assert stds[truth].max() < 0.2 and stds[~truth].min() > 1.0
+    # replacement noise (the default): sigma <= 1, and a node the task does not need goes to ~1
+    assert stds[truth].max() < 0.2 and stds[~truth].min() > 0.8
 
 
 @pytest.mark.parametrize("budget", [0.05, 0.2])

@@ -163,7 +163,8 @@ def test_the_mlp_glob_may_match_nothing_on_an_attention_only_model():
     with tn.attach_noise(model, hooks, calibration_tokens=tokens) as noise:
         assert noise.hook_names == ["blocks.0.attn.hook_z", "blocks.1.attn.hook_z"]
         assert not any(n.startswith("m") for n in tn.node_importance(noise))
-    with pytest.raises(ValueError, match="none of the patterns"):
+    # 4.x has no MLP hook points at all; 3.x has them, but they never fire
+    with pytest.raises(ValueError, match="none of the (patterns|hook points)"):
         tn.attach_noise(model, ["blocks.*.hook_mlp_out", "blocks.*.mlp.hook_post"])
     with pytest.raises(ValueError, match="unknown hook point 'blocks.0.hook_mlp_out'"):
         tn.attach_noise(model, ["blocks.*.attn.hook_z", "blocks.0.hook_mlp_out"])
