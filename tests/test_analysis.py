@@ -264,7 +264,8 @@ def test_mean_ablation_and_activation_patching_scores(tiny_model):
                                                                               clean_z))  # fmt: skip
     clean, corrupt = task_loss(tiny_model, task), task_loss(tiny_model, task, tokens=corrupted)
     assert patching[1, 2].item() == pytest.approx(
-        (corrupt - restored) / (corrupt - clean), abs=1e-4  # float32 batches of 3 vs all 8
+        (corrupt - restored) / (corrupt - clean),
+        abs=1e-4,  # float32 batches of 3 vs all 8
     )
     with pytest.raises(ValueError, match="does not change the task loss"):
         activation_patching_scores(tiny_model, task, task.tokens.clone())

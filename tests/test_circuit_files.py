@@ -104,6 +104,7 @@ def test_the_dashboard_offers_the_runs_circuit_as_mib_json(tmp_path):
     assert raw["cfg"]["n_layers"] == 2 and raw["cfg"]["parallel_attn_mlp"] is False
     assert {n: v["score"] for n, v in raw["nodes"].items() if n in scores} == pytest.approx(scores)
     (tmp_path / "c.json").write_text(json.dumps(raw))
-    assert tn.load_circuit(tmp_path / "c.json").ranking() == tn.load_circuit(
-        tn.save_circuit(scores, tmp_path / "d.json", model)
-    ).ranking()
+    assert (
+        tn.load_circuit(tmp_path / "c.json").ranking()
+        == tn.load_circuit(tn.save_circuit(scores, tmp_path / "d.json", model)).ranking()
+    )

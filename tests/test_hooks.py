@@ -32,7 +32,11 @@ def test_every_granularity_on_every_hook_family(tiny_model, tokens, pattern, gra
     param = tn.CloakStandardDeviationParameterization()
     before = logits_of(tiny_model, tokens)
     noise = tn.attach_noise(
-        tiny_model, pattern, granularity=granularity, parameterization=param, init_std=0.3,
+        tiny_model,
+        pattern,
+        granularity=granularity,
+        parameterization=param,
+        init_std=0.3,
         form="additive",
     )
     try:

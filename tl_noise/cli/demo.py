@@ -121,14 +121,23 @@ def add_demo_parser(sub: Any, common: Any, formatter: Any) -> None:
 
     demo = sub.add_parser("demo", formatter_class=formatter,
                           help="tl-noise beside the baselines on a benchmark model")  # fmt: skip
-    demo.add_argument("--model", default=DEFAULT_MODEL, choices=list_benchmarks(),
-                      help="benchmark model (the zoo's; 'induction' is the easy embedded one)")
+    demo.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        choices=list_benchmarks(),
+        help="benchmark model (the zoo's; 'induction' is the easy embedded one)",
+    )
     common(demo, steps=500, hooks=HOOKS)
     demo.add_argument("--top", type=int, default=8, help="nodes to list")
-    demo.add_argument("--threads", type=int, default=1,
-                      help="torch threads (small models: 1 is fastest on a busy machine)")
+    demo.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (small models: 1 is fastest on a busy machine)",
+    )
     demo.add_argument("--no-baselines", action="store_true", help="fit tl-noise only")
-    demo.add_argument("--no-app", action="store_true",
-                      help="do not start the dashboard (also: TL_NOISE_NO_APP=1)")
+    demo.add_argument(
+        "--no-app", action="store_true", help="do not start the dashboard (also: TL_NOISE_NO_APP=1)"
+    )
     demo.add_argument("--port", type=int, default=8501)
     demo.set_defaults(func=cmd_demo)

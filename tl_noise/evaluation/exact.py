@@ -57,6 +57,8 @@ MAX_EXACT_NODES = 20
 CHECK_TOL = 1e-4
 """Largest ``|m - m_model| / (1 + |m_model|)`` allowed on ``m(N)`` and ``m(empty)`` against the
 model's own forwards (which take the log-softmax in float32)."""
+
+
 # --------------------------------------------------------------------------------- the table
 @dataclass
 class ExactTable:
@@ -85,8 +87,15 @@ class ExactTable:
         """Write the folder ``path``: ``exact_table.safetensors`` (f, metric) and ``.json``."""
         Path(path).mkdir(parents=True, exist_ok=True)
         write_tensors(Path(path, "exact_table.safetensors"), {"f": self.f, "metric": self.metric})
-        write_json(Path(path, "exact_table.json"), {"nodes": self.nodes, "info": self.info,
-                   "clean_metric": self.clean_metric, "empty_metric": self.empty_metric})
+        write_json(
+            Path(path, "exact_table.json"),
+            {
+                "nodes": self.nodes,
+                "info": self.info,
+                "clean_metric": self.clean_metric,
+                "empty_metric": self.empty_metric,
+            },
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> ExactTable:
@@ -159,9 +168,11 @@ def exhaustive_faithfulness(
     err = max(abs(clean - ev.clean_metric) / (1 + abs(ev.clean_metric)),
               abs(empty - ev.empty_metric) / (1 + abs(ev.empty_metric)))  # fmt: skip
     if not err <= CHECK_TOL:
-        raise TLNoiseValueError(f"the exact computation is off the model's own forward by "
-                                f"{err:.3g} (relative) in m(N) or m(empty): exhaustive_"
-                                "faithfulness does not reproduce this model's configuration")
+        raise TLNoiseValueError(
+            f"the exact computation is off the model's own forward by "
+            f"{err:.3g} (relative) in m(N) or m(empty): exhaustive_"
+            "faithfulness does not reproduce this model's configuration"
+        )
     info = {"n_examples": int(tokens.shape[0]), "n_targets": n_targets, "dtype": str(dtype),
             "seconds": time.perf_counter() - began}  # fmt: skip
     return ExactTable(nodes, (metric - empty) / (clean - empty), metric, clean, empty, info)

@@ -57,8 +57,9 @@ class _Norm:
 
     def fold(self, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         """``(W~, beta)`` with ``norm(x) @ w + b = P(x) @ W~ / sigma(x) + beta``."""
-        return (w if self.w is None else self.w[:, None] * w), (b if self.b is None
-                                                               else b + self.b @ w)
+        return (w if self.w is None else self.w[:, None] * w), (
+            b if self.b is None else b + self.b @ w
+        )
 
 
 @dataclass
@@ -92,8 +93,12 @@ def _canonical(sd: dict[str, Tensor], cfg: Any) -> dict[str, Tensor]:
     if "embed.W_E" in sd:
         return sd
     h = int(cfg.n_heads)
-    out = {"embed.W_E": sd["embed.weight"], "pos_embed.W_pos": sd["pos_embed.weight"],
-           "unembed.W_U": sd["unembed.weight"].T, "unembed.b_U": sd.get("unembed.bias")}
+    out = {
+        "embed.W_E": sd["embed.weight"],
+        "pos_embed.W_pos": sd["pos_embed.weight"],
+        "unembed.W_U": sd["unembed.weight"].T,
+        "unembed.b_U": sd.get("unembed.bias"),
+    }
     for key, value in sd.items():  # ln1, ln2, ln_final: .weight, .bias -> .w, .b
         parts = key.split(".")
         if parts[-2].startswith("ln"):
@@ -107,8 +112,12 @@ def _canonical(sd: dict[str, Tensor], cfg: Any) -> dict[str, Tensor]:
         w = sd[f"{a}.o.weight"]  # [d_model, (h e)] -> [h, e, d_model]
         out |= {f"{a}.W_O": w.T.reshape(h, -1, w.shape[0]), f"{a}.b_O": sd[f"{a}.o.bias"]}
         if f"{m}.in.weight" in sd:
-            out |= {f"{m}.W_in": sd[f"{m}.in.weight"].T, f"{m}.b_in": sd[f"{m}.in.bias"],
-                    f"{m}.W_out": sd[f"{m}.out.weight"].T, f"{m}.b_out": sd[f"{m}.out.bias"]}
+            out |= {
+                f"{m}.W_in": sd[f"{m}.in.weight"].T,
+                f"{m}.b_in": sd[f"{m}.in.bias"],
+                f"{m}.W_out": sd[f"{m}.out.weight"].T,
+                f"{m}.b_out": sd[f"{m}.out.bias"],
+            }
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -230,8 +239,12 @@ class _Run:
         per_state = len(self.target[2]) if last else x.shape[1] * x.shape[2]
         step = max(1, (self.batch or self.rows // per_state) // grow)
         for start in range(0, x.shape[0], step):
-            comps = _components(self.layers[layer], x[start : start + step],
-                                self.target[0] if last else None, self.plan.means_z[layer])
+            comps = _components(
+                self.layers[layer],
+                x[start : start + step],
+                self.target[0] if last else None,
+                self.plan.means_z[layer],
+            )
             comps = comps[:, :, self.target[1]] if last else comps  # real targets: [.., T, d]
             out = (keep @ comps.flatten(1)).view(-1, *comps.shape[2:])
             ms = (self.plan.head_bits[layer][:, None] | masks[start : start + step][None]).flatten()

@@ -45,6 +45,7 @@ __all__ = [
     "node_ranking",
 ]
 
+
 class CircuitEvaluator:
     """Faithfulness of node sets on one evaluation set (means, clean and empty metrics cached).
 

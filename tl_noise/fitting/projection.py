@@ -174,7 +174,9 @@ def _alphaless(noise: Vector, task: Vector) -> list[Tensor]:
     smaller, larger, _ = _order(task, noise)
     projection = _project(larger, smaller)
     terms: list[tuple[Tensor | float, Vector]] = [
-        (1.0, smaller), (1.0, larger), (-projection.k, projection.unit)
+        (1.0, smaller),
+        (1.0, larger),
+        (-projection.k, projection.unit),
     ]
     return _combine(terms, like=(noise, task))
 

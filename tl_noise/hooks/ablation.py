@@ -50,9 +50,7 @@ def circuit_nodes(model: Any) -> list[str]:
 
 
 @torch.no_grad()
-def node_means(
-    model: Any, tokens: Int[Tensor, "n pos"], batch_size: int = 32
-) -> dict[str, Tensor]:
+def node_means(model: Any, tokens: Int[Tensor, "n pos"], batch_size: int = 32) -> dict[str, Tensor]:
     """Hook name -> mean activation over every example and position: ``hook_z``
     ``[n_heads, d_head]`` per layer and ``hook_mlp_out`` ``[d_model]`` per layer (float64 sums)."""
     names = [f"blocks.{layer}.attn.hook_z" for layer in range(int(model.cfg.n_layers))]
