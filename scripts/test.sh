@@ -6,6 +6,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT  # the junit files are read at the end; nothing is left behind
 status=0
 echo "== ruff"
 .venv/bin/ruff check . || status=1
