@@ -12,13 +12,15 @@ import shutil
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
-from tl_noise.dashboard import charts, ranges
-from tl_noise.dashboard.safe import plain
-
+pd = pytest.importorskip("pandas")  # the app extra (absent from the 3.x environment)
+pytest.importorskip("plotly")
 streamlit_testing = pytest.importorskip("streamlit.testing.v1")
+
+from tl_noise.dashboard import charts, ranges  # noqa: E402
+from tl_noise.dashboard.safe import plain  # noqa: E402
+
 AppTest = streamlit_testing.AppTest
 
 APP = Path(__file__).resolve().parent.parent / "apps" / "dashboard.py"
