@@ -1,0 +1,199 @@
+"""Benchmark models: small shipped transformers whose circuits are known, and their tasks.
+
+The embedded induction model is easy: one previous-token head and one induction head, every
+other head switched off, so every attribution method ranks it perfectly. The zoo adds models on
+which methods differ (``scripts/train_benchmarks.py`` trains them; ``tests/test_zoo.py`` checks
+the labelled structure):
+
+- ``backup``: 3 layers x 4 heads + MLPs, trained with head dropout, so a copied span is predicted
+  by four redundant heads: ablating the primary head alone costs ~0.1 nats, ablating it with a
+  backup 0.5 - 1.3, all four ~4. Single-node scores (mean ablation, attribution patching)
+  under-rank every one of them.
+- ``distractor``: the same copying task inside text whose topic tokens keep three layer-2 heads
+  busy everywhere: at the copied positions they write more than most circuit heads but matter
+  < 0.1 nats. Methods that rank by activation size, or judge all positions instead of the
+  task's mask, are fooled.
+- ``mlp``: ``a b c`` triples with ``c`` a Latin-square entry of ``(a, b)``: only an MLP can compute
+  it, and the heads bringing ``a`` forward have no direct effect and write little. Head-only
+  methods miss the MLPs, activation-size rankings miss the heads.
+- ``induction``: the embedded 2-layer model (:func:`tl_noise.models.load_embedded_model`).
+
+All share 15 nodes (``a{l}.h{h}``, ``m{l}``), except ``induction`` (8 heads, no MLPs).
+
+>>> bench = load_benchmark("backup")
+>>> task = bench.task(n=256, seed=1)       # Task; task.extras["corrupted"] are counterfactuals
+>>> bench.labels["nodes"]["a1.h2"]["mean_ablation"]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tl_noise.io import read_json, read_tensors
+from tl_noise.models import (
+    DATA_DIR as EMBEDDED_DIR,
+)
+from tl_noise.models import (
+    EMBEDDED_MODEL,
+    build_native_model,
+    load_canonical_state_dict,
+    transformer_lens_major,
+)
+from tl_noise.tasks.base import Batch, Task
+from tl_noise.tasks.text import next_token_cross_entropy
+from tl_noise.zoo.generators import generate
+
+DATA_DIR = Path(__file__).parent / "data"
+BENCHMARKS = ("induction", "backup", "distractor", "mlp")
+EVAL_N, EVAL_SEED = 128, 1234  # the evaluation set of the benchmark and the demo
+
+
+def exact_table_path(name: str) -> Path:
+    """Where the exact faithfulness of every node subset of ``name`` on its evaluation set
+    (``task(n=EVAL_N, seed=EVAL_SEED)``) is shipped (:class:`tl_noise.evaluation.exact.
+    ExactTable` format; a test recomputes a random sample of it)."""
+    return DATA_DIR / "exact" / name
+
+
+TASK_PREFIX = "task."  # tensors in NAME.safetensors that parametrise the task, not the model
+
+
+def list_benchmarks() -> list[str]:
+    """Names accepted by :func:`load_benchmark`, the easy embedded model first."""
+    return list(BENCHMARKS)
+
+
+def benchmark_metric(logits: Tensor, batch: Batch) -> Tensor:
+    """Mean ``-log p(true next token)`` at the batch's ``loss_mask`` (lower is better)."""
+    return next_token_cross_entropy(logits, batch["tokens"], batch["loss_mask"])
+
+
+@dataclass
+class Benchmark:
+    """A benchmark model, its labels and a generator of its task.
+
+    Attributes:
+        name: the benchmark's name (one of :func:`list_benchmarks`).
+        model: the TransformerLens model (bridge on 4.x), eval mode, weights frozen.
+        labels: ``{"nodes": {"a0.h1": {"mean_ablation": ...}, "m0": ...}, "structure": {...}}``;
+            ``structure`` lists node names per designed role (``primary``, ``backup``, ...).
+        info: the rest of ``NAME.json``: config, data parameters, training settings, losses.
+    """
+
+    name: str
+    model: Any
+    labels: dict[str, Any]
+    info: dict[str, Any]
+    tables: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    def task(self, n: int = 256, seed: int = 0) -> Task:
+        """``n`` fresh sequences; ``loss_mask`` marks the target positions, ``extras`` hold the
+        ``corrupted`` counterfactual tokens (same structure, other random tokens)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n={n!r}; expected an int >= 1")
+        n_ctx = int(self.info["config"]["n_ctx"])
+        data = self.info["data"]
+        tokens, mask, corrupted, layout = generate(data, self.tables, n, seed, n_ctx)
+        extras = {"corrupted": corrupted}
+        if layout.shape[1]:  # copy: (source start, copy start, length); repeat: (period,)
+            extras["layout"] = layout
+        info = {"benchmark": self.name, "n": n, "seed": seed, **data}
+        return Task(self.name, tokens, mask, benchmark_metric, extras=extras, info=info)
+
+    def corrupted_tokens(self, task: Task) -> Tensor:
+        """The counterfactual inputs of ``task`` (rows aligned with ``task.tokens``)."""
+        return task.extras["corrupted"]
+
+
+def _mlp_weights(n_layers: int, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    # The MLP half of the canonical layout in the 4.x native module's nn.Linear layout.
+    out = {}
+    for layer in range(n_layers):
+        p = f"blocks.{layer}.mlp"
+        out.update(
+            {
+                f"{p}.in.weight": state[f"{p}.W_in"].T,
+                f"{p}.in.bias": state[f"{p}.b_in"],
+                f"{p}.out.weight": state[f"{p}.W_out"].T,
+                f"{p}.out.bias": state[f"{p}.b_out"],
+            }
+        )
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+class _Capture:
+    """Stands in for a model to collect what :func:`load_canonical_state_dict` would load."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.state: dict[str, Tensor] = {}
+
+    def load_state_dict(self, state: dict[str, Tensor], strict: bool = True) -> None:
+        self.state.update(state)
+
+
+def load_weights(model: Any, state: dict[str, Tensor]) -> None:
+    """Load canonical (TransformerLens 3.x layout) weights, MLPs included, into a native model;
+    ValueError unless ``state`` fills every weight of the model exactly.
+
+    :func:`tl_noise.models.load_canonical_state_dict` translates embeddings and attention (and
+    loads 3.x weights as they are); the 4.x MLP weights are translated here.
+    """
+    if transformer_lens_major() < 4:
+        expected = {k for k in model.state_dict() if not k.endswith((".mask", ".IGNORE"))}
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or extra:
+            raise ValueError(
+                f"benchmark weights do not fit the model: missing {missing}, extra {extra}"
+            )
+        load_canonical_state_dict(model, state)
+        return
+    capture = _Capture(model.cfg)
+    load_canonical_state_dict(capture, state)
+    try:
+        if any(".mlp." in k for k in state):
+            capture.state.update(_mlp_weights(model.cfg.n_layers, state))
+        model.load_state_dict(capture.state, strict=True)
+    except (RuntimeError, KeyError) as err:
+        raise ValueError(f"benchmark weights do not fit the model: {err}") from err
+
+
+def load_benchmark(name: str, device: str | torch.device | None = None) -> Benchmark:
+    """The benchmark ``name`` (one of :func:`list_benchmarks`) on ``device`` (default CPU)."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    folder = EMBEDDED_DIR if name == "induction" else DATA_DIR
+    stem = EMBEDDED_MODEL if name == "induction" else name
+    meta = read_json(folder / f"{stem}.json", f"benchmark {name!r} description")
+    state = read_tensors(folder / f"{stem}.safetensors", f"benchmark {name!r} weights")
+    tables = {k[len(TASK_PREFIX) :]: v for k, v in state.items() if k.startswith(TASK_PREFIX)}
+    weights = {k: v.float() for k, v in state.items() if not k.startswith(TASK_PREFIX)}
+    model = build_native_model(meta["config"])
+    load_weights(model, weights)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if device is not None:
+        model = model.to(device)
+    model.tl_noise_name = f"zoo:{name}"
+    if name == "induction":
+        meta = _induction_info(meta)
+    labels = meta.pop("labels")
+    return Benchmark(name, model, labels, meta, tables)
+
+
+def _induction_info(meta: dict[str, Any]) -> dict[str, Any]:
+    # The embedded model's JSON predates the zoo: map it onto the zoo's fields.
+    cfg, truth = meta["config"], meta["ground_truth"]
+    ablation = meta["scores"]["ablation"]
+    nodes = {f"a{lay}.h{h}": {"mean_ablation": ablation[lay][h]}
+             for lay in range(cfg["n_layers"]) for h in range(cfg["n_heads"])}  # fmt: skip
+    structure = {role: [f"a{lay}.h{h}" for lay, h in heads] for role, heads in truth.items()}
+    periods = meta["data"]["periods"]
+    data = {"kind": "repeat", "periods": periods, "d_vocab": cfg["d_vocab"], "bos": 0}
+    return {**meta, "data": data, "labels": {"nodes": nodes, "structure": structure}}
