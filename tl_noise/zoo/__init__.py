@@ -22,7 +22,8 @@ All share 15 nodes (``a{l}.h{h}``, ``m{l}``), except ``induction`` (8 heads, no 
 
 >>> bench = load_benchmark("backup")
 >>> task = bench.task(n=256, seed=1)       # Task; task.extras["corrupted"] are counterfactuals
->>> bench.labels["nodes"]["a1.h2"]["mean_ablation"]
+>>> round(bench.labels["nodes"]["a1.h2"]["mean_ablation"], 4)
+-0.0345
 """
 
 from __future__ import annotations
