@@ -49,6 +49,9 @@ def module_key(name: str) -> str:
     return name.replace(".", "__")
 
 
+NODE_HOOKS = ["blocks.*.attn.hook_z", "blocks.*.hook_mlp_out"]
+"""The hook points of a node-level fit: every head's output and every MLP's output."""
+
 MLP_HOOKS = ("hook_mlp_out", "mlp.hook_post")
 """Hook-name endings inside a block that belong to the block's MLP node ``m{l}``."""
 

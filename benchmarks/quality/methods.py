@@ -12,15 +12,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor
 
 import tl_noise as tn
 from tl_noise.evaluation.node_baselines import BASELINES, NodeScores
 from tl_noise.evaluation.nodes import has_mlps
 from tl_noise.fitting.path import fit_path
+from tl_noise.names import NODE_HOOKS as HOOKS  # noqa: E402
 
-HOOKS = ["blocks.*.attn.hook_z", "blocks.*.hook_mlp_out"]
 Method = Callable[[Any, Tensor, Tensor, Tensor], NodeScores]
 
 
@@ -79,4 +78,4 @@ def node_count(model: Any) -> int:
     return int(cfg.n_layers) * (int(cfg.n_heads) + int(has_mlps(model)))
 
 
-__all__ = ["methods", "node_count", "tl_noise_method", "torch"]
+__all__ = ["methods", "node_count", "tl_noise_method"]

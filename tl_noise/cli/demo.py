@@ -20,7 +20,6 @@ import torch
 
 DEFAULT_MODEL = "backup"
 DEMO_BASELINES = ("mean ablation", "activation patching", "attribution patching (TL)")
-HOOKS = ["blocks.*.attn.hook_z", "blocks.*.hook_mlp_out"]
 
 
 def _table(name: str) -> Any:
@@ -127,7 +126,9 @@ def add_demo_parser(sub: Any, common: Any, formatter: Any) -> None:
         choices=list_benchmarks(),
         help="benchmark model (the zoo's; 'induction' is the easy embedded one)",
     )
-    common(demo, steps=500, hooks=HOOKS)
+    from tl_noise.names import NODE_HOOKS
+
+    common(demo, steps=500, hooks=NODE_HOOKS)
     demo.add_argument("--top", type=int, default=8, help="nodes to list")
     demo.add_argument(
         "--threads",

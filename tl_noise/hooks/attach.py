@@ -74,8 +74,7 @@ def attach_noise(
         granularity: ``"head"``, ``"head_feature"``, ``"feature"``, ``"hook"``, or ``"auto"``
             (``"head"`` for ``[batch, pos, n_heads, d]`` activations, ``"hook"`` -- one std per
             MLP node -- for ``hook_mlp_out``/``mlp.hook_post``, else ``"feature"``).
-        parameterization: rho -> std map, shared by all layers (default Cloak ``(1e-4, 2)``
-            for the additive form, ``(1e-4, 1)`` for the replacement form).
+        parameterization: rho -> std map (default Cloak (1e-4, 1); (1e-4, 2) when additive).
         init_std: initial std (relative to the natural scale unless ``relative=False``).
         covariance: a factory (e.g. ``lambda: KroneckerCovariance(2, 4)``) giving each layer
             its own structured covariance; ``None`` for independent noise.
