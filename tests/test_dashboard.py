@@ -428,3 +428,19 @@ def test_launch_command_and_cli_parser(runs_root):
     args = parser.parse_args(["app", str(runs_root), "--port", "9000"])
     assert (args.root, args.port, args.host) == (str(runs_root), 9000, "127.0.0.1")
     assert args.func.__name__ == "cmd_app"
+
+
+def test_dashboard_shows_a_run_with_summary_records(tiny_model, data, tmp_path, monkeypatch):
+    """History with summary records (``detail_every``): the step slider offers the full ones."""
+    tokens, mask = data
+    with tn.attach_noise(tiny_model, "blocks.*.attn.hook_z", calibration_tokens=tokens) as noise:
+        fit(tiny_model, noise, tokens, loss_mask=mask, steps=10, batch_size=8, quiet=True,
+            detail_every=4, refine_window=0, run_dir=tmp_path / "runs" / "sparse")  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["dashboard.py", str(tmp_path / "runs")])
+    at = AppTest.from_file(str(APP), default_timeout=120)
+    at.query_params["run"] = "sparse"
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
+    assert at.select_slider(key="step").options == ["0", "4", "8", "9"]
+    at.select_slider(key="step").set_value(4).run()
+    assert not at.exception and not at.error

@@ -116,7 +116,7 @@ def body(
     if not steps:
         st.info(no_record_yet(status["state"]))
         return
-    step = step_slider(steps)
+    step = step_slider(run.full_steps() or steps)
     tabs = st.tabs(["Stds per head", "Other hooks", "Gradients", "Losses", "Ranking", "Compare"])
     with tabs[0]:
         views.head_stds(run, step, truth, fixed)

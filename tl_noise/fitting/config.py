@@ -69,6 +69,11 @@ class FitConfig:
     )
     checkpoint_every: int = _setting(50, "steps between checkpoints of the run directory")
     log_every: int = _setting(1, "steps between history records")
+    detail_every: int = _setting(
+        0,
+        "history records between full ones (every std and the per-head gradients; the others "
+        "are summaries); 0: chosen so a step writes at most 16 KiB on average",
+    )
     budget_lr: float = _setting(0.05, "dual-ascent rate of the budget multiplier")
     clean_cache_mb: float = _setting(
         512.0, "memory for cached clean next-token distributions (MiB; 0: recompute each step)"
@@ -96,7 +101,7 @@ class FitConfig:
             )
         for name in ("steps", "batch_size", "checkpoint_every", "log_every", "refine_examples"):
             _positive_int(name, getattr(self, name))
-        for name in ("stable_window", "refine_window"):
+        for name in ("stable_window", "refine_window", "detail_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise TLNoiseValueError(f"{name}={value!r}; expected an int >= 0")
@@ -142,6 +147,8 @@ class FitConfig:
             "refine_window": self.refine_window,
             "refine_examples": self.refine_examples if self.refine_window else None,
             "refine_budget": self.refine_budget if self.refine_window else None,
+            "log_every": self.log_every,
+            "detail_every": self.detail_every,
         }
 
     @classmethod

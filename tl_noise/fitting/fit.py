@@ -27,6 +27,7 @@ from tl_noise.fitting.guard import (
 )
 from tl_noise.fitting.inputs import FitData, prepare_data
 from tl_noise.fitting.objectives import resolve_objective
+from tl_noise.fitting.records import detail_interval
 from tl_noise.fitting.refine import RefineRanking
 from tl_noise.fitting.trainer import FitResult, Trainer
 from tl_noise.hooks import NoiseHooks, model_fingerprint
@@ -77,6 +78,7 @@ def fit(
     metric: Callable[[Tensor, dict[str, Tensor]], Tensor] | None = None,
     checkpoint_every: int = _D.checkpoint_every,
     log_every: int = _D.log_every,
+    detail_every: int = _D.detail_every,
     budget_lr: float = _D.budget_lr,
     clean_cache_mb: float = _D.clean_cache_mb,
     task_info: dict[str, Any] | None = None,
@@ -105,6 +107,9 @@ def fit(
         overwrite: replace a run already in ``run_dir`` (a run that failed before its first
             checkpoint is started over anyway, with a warning).
         quiet: no progress bar.
+        log_every, detail_every: a history record every ``log_every`` steps; one record in
+            ``detail_every`` is full (every std, the per-head gradients), the others are
+            summaries (losses, mean std); 0 keeps a step at 16 KiB of history on average.
         stable_window: stop once the node ranking has held for this many steps (0: never).
         refine_window, refine_examples, refine_budget: the in-context refinement of the node
             ranking that ends the fit (:mod:`~tl_noise.fitting.refine`; ``refine_window=0``
@@ -119,7 +124,8 @@ def fit(
     config = FitConfig(
         objective=objective, mode=mode, alpha=alpha, budget=budget, steps=steps, lr=lr,
         batch_size=batch_size, seed=seed, noise_loss_kind=noise_loss_kind,
-        checkpoint_every=checkpoint_every, log_every=log_every, budget_lr=budget_lr,
+        checkpoint_every=checkpoint_every, log_every=log_every, detail_every=detail_every,
+        budget_lr=budget_lr,
         clean_cache_mb=clean_cache_mb, stable_window=stable_window, refine_window=refine_window,
         refine_examples=refine_examples, refine_budget=refine_budget,
     )  # fmt: skip
@@ -150,6 +156,7 @@ def _preflight(
     checkpoint = read_resume_checkpoint(model, noise, run_dir) if resume else None
     if checkpoint is not None:
         check_resume_steps(run_dir, config, checkpoint[0])
+    detail_interval(noise, config.steps, config.log_every, config.detail_every)  # fails early
     if kind == "metric" and metric_fn is not None:  # fails here, not after config.json exists
         check_metric_output(model, noise, data, metric_fn, config.batch_size)
     run_config = _run_config(model, noise, data, config, metric_fn) if run_dir is not None else {}

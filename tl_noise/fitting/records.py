@@ -1,6 +1,14 @@
 """The per-step history record (format in :mod:`tl_noise.runs.format`), and the per-head gradient
 statistics it carries.
 
+A record is *full* or a *summary*. A full record carries every std and the per-head gradient
+statistics; a summary carries the losses, the mean std and the global equivalents only (a few
+hundred bytes whatever the model). :func:`detail_interval` picks how often a record is full so
+that a step writes at most :data:`DETAIL_BYTES_PER_STEP` on average and the whole history stays
+under half of what a reader accepts (:data:`~tl_noise.io.MAX_HISTORY_BYTES`); the noise itself is
+saved in full at every checkpoint. Numbers are written with 7 significant digits (the float32 the
+noise is fitted in carries about 7).
+
 Per hook and head: the norms of the noise- and task-loss gradients of the head's parameters, their
 cosine, their signed sums, the sum and norm of the step actually taken, and the composite
 ``alpha``/``scale`` the alphaless rule amounts to on that head alone
@@ -13,16 +21,26 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from tl_noise.errors import TLNoiseValueError
 from tl_noise.fitting.combiners import Budget, Combiner, flatten
 from tl_noise.fitting.projection import (
     equivalent_alpha_and_scaling_factor_of,
     equivalent_alpha_and_scaling_factor_rows,
 )
 from tl_noise.hooks import NoiseHooks
+from tl_noise.io import MAX_HISTORY_BYTES
 from tl_noise.runs.format import GRAD_KEYS
+
+DETAIL_BYTES_PER_STEP = 16 * 2**10
+"""The average history bytes per logged step that the automatic cadence of full records aims at."""
+SUMMARY_BYTES = 512
+"""An upper bound of a summary record's size (its fields are a fixed handful of numbers)."""
+BYTES_PER_NUMBER = 16
+"""An upper bound of one number's size in a record (7 significant digits, sign, exponent, comma)."""
 
 Grads = dict[int, Tensor]  # id(parameter) -> its gradient
 
@@ -70,15 +88,66 @@ def _head_stats_dict(rows: list[list[float]]) -> dict[str, Any]:
     return out
 
 
+def full_record_numbers(noise: NoiseHooks) -> int:
+    """How many numbers a full record holds: every std, and per head the gradient statistics."""
+    total = 0
+    for _, layer in noise.items():
+        total += layer.std().numel()
+        if layer.rhos is not None and layer.granularity in ("head", "head_feature"):
+            total += len(GRAD_KEYS) * layer.unit_shape[0]
+    return total
+
+
+def detail_interval(noise: NoiseHooks, steps: int, log_every: int, detail_every: int) -> int:
+    """Every how many history records one is full (the others are summaries).
+
+    ``detail_every`` > 0 is taken as given; 0 picks the smallest interval for which a step writes
+    at most :data:`DETAIL_BYTES_PER_STEP` on average and ``steps`` steps stay under half of
+    :data:`~tl_noise.io.MAX_HISTORY_BYTES`. ValueError when even summaries alone would not.
+    """
+    records = -(-steps // log_every) + 1
+    full = full_record_numbers(noise) * BYTES_PER_NUMBER + SUMMARY_BYTES
+    room = (MAX_HISTORY_BYTES // 2) // records - SUMMARY_BYTES
+    if room <= 0:
+        raise TLNoiseValueError(
+            f"steps={steps} with log_every={log_every} writes {records} history records, more "
+            f"than the {MAX_HISTORY_BYTES // 2**30} GiB history a reader accepts can hold; "
+            f"raise log_every to at least {-(-steps * SUMMARY_BYTES * 2 // MAX_HISTORY_BYTES)}"
+        )
+    if detail_every:
+        return detail_every
+    budget = min(DETAIL_BYTES_PER_STEP * log_every, room)
+    return max(1, -(-full // budget))
+
+
+def round_numbers(values: np.ndarray, digits: int = 7) -> np.ndarray:
+    """``values`` rounded to ``digits`` significant digits, so that JSON writes them short.
+
+    Rounding divides by an exact power of ten, so the result is the double nearest the short
+    decimal and Python writes exactly that decimal; magnitudes beyond the exact powers of ten
+    (below about ``1e-15``) and non-finite values are left as they are.
+    """
+    x = values.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        shift = digits - 1 - np.floor(np.log10(np.abs(x)))
+        ok = np.isfinite(x) & (x != 0) & (np.abs(shift) <= 22)
+        shift = np.where(ok, shift, 0.0)
+        scale = 10.0 ** np.abs(shift)
+        up = np.where(shift >= 0, np.round(x * scale) / scale, np.round(x / scale) * scale)
+    return np.where(ok, up, x)
+
+
 def to_host(parts: dict[str, Tensor]) -> dict[str, Any]:
-    """``tensor.tolist()`` of every part, with one copy per device (parts keep their shapes)."""
+    """``tensor.tolist()`` of every part, with one copy per device (parts keep their shapes),
+    rounded by :func:`round_numbers`."""
     by_device: dict[torch.device, list[str]] = {}
     for key, value in parts.items():
         by_device.setdefault(value.device, []).append(key)
     out: dict[str, Any] = {}
     for keys in by_device.values():
-        flat = torch.cat([parts[k].reshape(-1).float() for k in keys]).cpu()
-        for key, piece in zip(keys, flat.split([parts[k].numel() for k in keys]), strict=True):
+        flat = round_numbers(torch.cat([parts[k].reshape(-1).float() for k in keys]).cpu().numpy())
+        sizes = np.cumsum([parts[k].numel() for k in keys])[:-1]
+        for key, piece in zip(keys, np.split(flat, sizes), strict=True):
             out[key] = piece.reshape(parts[key].shape).tolist()
     return out
 
@@ -91,10 +160,12 @@ def make_record(
     losses: tuple[float, Tensor],
     combiner: Combiner,
     lam: float,
+    full: bool = True,
 ) -> dict[str, Any]:
     """One history record. ``grads``: (noise-loss, task-loss, applied) gradients per parameter;
     ``losses``: (task loss, noise loss); ``lam``: the task loss's multiplier used in the step
-    (recorded for mode budget only)."""
+    (recorded for mode budget only); ``full``: with every std and the per-head gradient
+    statistics (else a summary)."""
     g_noise, g_task, g = grads
     task_value, n_loss = losses
     with torch.no_grad():
@@ -103,18 +174,18 @@ def make_record(
         )
         n, t, gg = ({id(p): x for p, x in zip(params, d, strict=True)} for d in grads)
         stds = {name: layer.std().detach().float() for name, layer in noise.items()}
-        heads = head_gradient_stats(noise, n, t, gg)
+        heads = head_gradient_stats(noise, n, t, gg) if full else {}
         loss = n_loss.detach().float().to(eq_alpha.device)
         first = next(iter(stds.values())).device
         parts = {
             "scalars": torch.stack([eq_alpha.float(), eq_scale.float(), loss]),
             "mean_std": torch.cat([s.reshape(-1).to(first) for s in stds.values()]).mean(),
-            **{f"std:{k}": v for k, v in stds.items()},
+            **{f"std:{k}": v for k, v in stds.items() if full},
             **{f"grad:{k}": v for k, v in heads.items()},
         }
         host = to_host(parts)
     eq_a, eq_s, nl = host["scalars"]
-    return {
+    record = {
         "step": step,
         "loss": {
             "task": task_value,
@@ -124,6 +195,8 @@ def make_record(
         },
         "mean_std": host["mean_std"],
         "equivalent": {"alpha": json_float(eq_a), "scale": eq_s},
-        "std": {name: host[f"std:{name}"] for name in stds},
-        "grad": {name: _head_stats_dict(host[f"grad:{name}"]) for name in heads},
     }
+    if full:
+        record["std"] = {name: host[f"std:{name}"] for name in stds}
+        record["grad"] = {name: _head_stats_dict(host[f"grad:{name}"]) for name in heads}
+    return record

@@ -34,7 +34,7 @@ from tl_noise.fitting.combiners import make_combiner
 from tl_noise.fitting.config import FitConfig
 from tl_noise.fitting.inputs import FitData
 from tl_noise.fitting.objectives import noise_loss, resolve_objective
-from tl_noise.fitting.records import make_record
+from tl_noise.fitting.records import detail_interval, make_record
 from tl_noise.fitting.stability import RankingStability
 from tl_noise.fitting.task_losses import (
     CETaskLoss,
@@ -148,6 +148,9 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.stability = RankingStability(config.stable_window)
         self.stopping = False  # set when the ranking is stable: this step is the last
+        self.detail_every = detail_interval(
+            noise, config.steps, config.log_every, config.detail_every
+        )
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps besides the noise: optimizer, mode and stability state."""
@@ -212,8 +215,9 @@ class Trainer:
         if not (step % cfg.log_every == 0 or self.last_step(step)):
             return None
         grads = (g_noise, g_task, g)
+        full = (step // cfg.log_every) % self.detail_every == 0 or self.last_step(step)
         record = make_record(
-            step, self.noise, self.params, grads, (task_value, n_loss), self.combiner, lam
+            step, self.noise, self.params, grads, (task_value, n_loss), self.combiner, lam, full
         )
         self.history.append(record)
         return record

@@ -23,6 +23,12 @@ partial history line. A history record holds::
      "std": {hook: nested list shaped like the std},
      "grad": {hook: {"noise_norm", "task_norm", "cosine", "noise", "task",
                      "projected", "projected_norm", "alpha", "scale"}}}   # lists, one per head
+
+Only *full* records carry ``std`` and ``grad``; the others are *summaries* (the first four fields
+only, a few hundred bytes), so the history grows by a bounded amount per step whatever the number
+of stds. The first record, one in ``detail_every`` and the last are full (``detail_every`` of
+:func:`tl_noise.fit`; by default chosen so a step writes at most 16 KiB on average), and every
+checkpoint holds the whole noise. Numbers have 7 significant digits.
 """
 
 from __future__ import annotations

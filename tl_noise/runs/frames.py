@@ -29,6 +29,7 @@ class RunFrames:
         def _cached(self, key: Any, compute: Callable[[], Any]) -> Any: ...
         def _head_view(self, stds: dict[str, Tensor]) -> dict[str, Tensor]: ...
         def _stds_of(self, record: dict[str, Any], step: int) -> dict[str, Tensor]: ...
+        def is_full(self, record: dict[str, Any]) -> bool: ...
         def head_std_matrix(self, step: int | None = None) -> Tensor: ...
         def ground_truth(self) -> dict[str, list[list[int]]] | None: ...
 
@@ -54,16 +55,16 @@ class RunFrames:
         return self._cached("loss_frame", build).copy()
 
     def history_frame(self) -> Any:
-        """pandas DataFrame, one row per step x per-head hook x head: step, hook, layer, head,
-        std (geometric mean over a head's features/positions) and, when recorded, the gradient
-        statistics of :data:`GRAD_KEYS`."""
+        """pandas DataFrame, one row per full-record step x per-head hook x head: step, hook,
+        layer, head, std (geometric mean over a head's features/positions) and, when recorded,
+        the gradient statistics of :data:`GRAD_KEYS` (summary records carry neither)."""
         import pandas as pd
 
         def build() -> Any:
             columns: dict[str, list[Any]] = {k: [] for k in ("step", "hook", "layer", "head")}
             columns.update({k: [] for k in ("std", *GRAD_KEYS)})
             seen: set[str] = set()
-            for r in self.history():
+            for r in filter(self.is_full, self.history()):
                 view = self._head_view(self._stds_of(r, r["step"]))
                 grads = r.get("grad") or {}
                 for name, std in view.items():

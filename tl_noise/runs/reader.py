@@ -134,6 +134,19 @@ class Run(RunFrames):
         """The logged steps, ascending."""
         return self._cached("steps", lambda: sorted({r["step"] for r in self.history()}))
 
+    def full_steps(self) -> list[int]:
+        """The logged steps whose record is full (every std and the per-head gradients), or
+        whose std field is damaged (so a view says what is wrong), ascending. The others are
+        summaries: losses and the mean std only (see ``detail_every`` of :func:`tl_noise.fit`)."""
+        return self._cached(
+            "full_steps",
+            lambda: sorted({r["step"] for r in self.history() if self.is_full(r)}),
+        )
+
+    def is_full(self, record: dict[str, Any]) -> bool:
+        """Whether a history record is full (has stds, or had a damaged std field)."""
+        return "std" in record or "std" in self._reader.problems.get(id(record), {})
+
     def record(self, step: int) -> dict[str, Any]:
         """The history record of ``step`` (the last one written, after a resume)."""
         by_step = self._cached("by_step", lambda: {r["step"]: r for r in self.history()})
@@ -187,9 +200,9 @@ class Run(RunFrames):
             stds = _stds_from_noise_folder(folder)
             if stds is not None:
                 return stds
-        records = self.history()
+        records = [r for r in self.history() if self.is_full(r)]
         if not records:
-            raise ValueError(f"run {self.name!r} has no final noise and no history record yet")
+            raise ValueError(f"run {self.name!r} has no final noise and no full history record yet")
         return self._stds_of(records[-1], records[-1]["step"])
 
     def _head_view(self, stds: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -213,8 +226,8 @@ class Run(RunFrames):
     # ----------------------------------------------------------------- gradients
     def grad_hook_kinds(self, step: int | None = None) -> list[str]:
         """Per-head hook kinds (``"attn.hook_z"``) with gradient records at ``step`` (None:
-        the last record)."""
-        records = self.history()
+        the last full record)."""
+        records = [r for r in self.history() if self.is_full(r)]
         if not records:
             return []
         record = records[-1] if step is None else self.record(step)

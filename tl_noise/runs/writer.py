@@ -33,7 +33,7 @@ from tl_noise.runs.format import (
     SUMMARY,
     checkpoint_folder,
 )
-from tl_noise.runs.history import read_history
+from tl_noise.runs.history import parse_line, read_history
 from tl_noise.runs.lock import RunLock
 
 RUN_FILES = (CONFIG, STATUS, HISTORY, SUMMARY, CHECKPOINTS, FINAL, f".tmp_{FINAL}")
@@ -115,8 +115,9 @@ class RunWriter:
         append_bytes(self.path / HISTORY, data)
 
     def last_records(self) -> list[dict[str, Any]]:
-        """The history's last complete record (as a list; empty without one)."""
-        return read_history(self.path)[-1:]
+        """The history's last complete record (as a list; empty without one), read from the
+        end of the file (a long history is not read whole)."""
+        return last_history_record(self.path / HISTORY)
 
     def truncate_history(self, before_step: int, log_every: int = 1) -> None:
         """Keep only complete history records with ``step < before_step`` on the ``log_every``
@@ -157,6 +158,28 @@ class RunWriter:
         shutil.rmtree(self.path / FINAL, ignore_errors=True)
         os.replace(tmp, self.path / FINAL)
         write_json(self.path / SUMMARY, summary)
+
+
+def last_history_record(file: Path, chunk: int = 2**16) -> list[dict[str, Any]]:
+    """The last complete, parseable record of history file ``file`` (as a list)."""
+    if not file.is_file():
+        return []
+    with file.open("rb") as handle:
+        end = handle.seek(0, os.SEEK_END)
+        tail = b""
+        while end > 0:
+            start = max(0, end - chunk)
+            handle.seek(start)
+            tail = handle.read(end - start) + tail
+            end = start
+            lines = tail.split(b"\n")
+            # the first line may be cut off; the last is partial (or empty)
+            complete = lines[1:-1] if start else lines[:-1]
+            for line in reversed(complete):
+                record = parse_line(line) if line.strip() else None
+                if isinstance(record, dict):
+                    return [record]
+    return []
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -222,9 +245,11 @@ def clear_run(path: str | os.PathLike) -> None:
 def check_resumable(path: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
     """ValueError naming what differs between the run's config and a resume's (every fit setting
     but ``steps``, and the data: tokens, loss mask, extras and metric)."""
+    before = old.get("fit", {})
+    # steps may grow; a setting the run predates (it was written by an older tl-noise) is new
     diff = config_differences(
-        {k: v for k, v in old.get("fit", {}).items() if k != "steps"},
-        {k: v for k, v in new.get("fit", {}).items() if k != "steps"},
+        {k: v for k, v in before.items() if k != "steps"},
+        {k: v for k, v in new.get("fit", {}).items() if k != "steps" and k in before},
     )
     if diff:
         raise ValueError(f"cannot resume {str(path)!r} with a different config: {diff}")
