@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "tl_noise.noise": 1,
     "tl_noise.scaling": 1,
     "tl_noise.hooks": 2,
+    "tl_noise.edges": 2,  # edge noise: hooks that rebuild every reader from its writers
     "tl_noise.tasks": 2,
     "tl_noise.models": 2,
     "tl_noise.zoo": 2,  # benchmark models with their tasks and labels

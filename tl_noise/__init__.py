@@ -16,6 +16,7 @@ Data flows one way: model -> hooks -> noise layers -> objective -> trainer -> ru
 dashboard / notebooks.
 """
 
+from tl_noise.edges import EdgeNoise, attach_edge_noise, edge_importance
 from tl_noise.errors import TLNoiseError
 from tl_noise.fitting import FitResult, fit
 from tl_noise.fitting.projection import (
@@ -60,8 +61,11 @@ from tl_noise.tasks import Task
 __version__ = "0.1.0"  # the only place the version is spelled (pyproject.toml reads it)
 
 __all__ = [
+    "attach_edge_noise",
+    "edge_importance",
     "CloakStandardDeviationParameterization",
     "DiagonalCovariance",
+    "EdgeNoise",
     "DirectStandardDeviationParameterization",
     "FactorizedCovariance",
     "FitResult",

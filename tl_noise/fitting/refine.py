@@ -155,6 +155,9 @@ class RefineRanking(Callback):
 
     def on_fit_end(self, trainer: Any, result: Any) -> None:
         noise: NoiseHooks = trainer.noise
+        if noise.kind != "nodes":  # edge circuits are refined by tn.extract_circuit
+            noise.ranking_info = {"skipped": "edge noise (tn.extract_circuit refines circuits)"}
+            return
         std_scores = std_node_scores(noise)
         info: dict[str, Any] = {"std_scores": std_scores, "window": self.window}
         others = [n for n in std_scores if parse_node(n) is None]

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from tl_noise.hooks import NoiseHooks, std_node_scores
+from tl_noise.hooks import NoiseHooks
 
 
 def rounded_ranking(noise: NoiseHooks, decimals: int = 1) -> list[str]:
-    """Nodes by ``-log std`` rounded to ``decimals`` (nats), most important first."""
-    scores = std_node_scores(noise)
-    order = list(scores)
-    return sorted(order, key=lambda n: (-round(scores[n], decimals), order.index(n)))
+    """Nodes (edges, for edge noise) by ``-log std`` rounded to ``decimals`` (nats), most
+    important first."""
+    scores = noise.ranking_scores()
+    index = {n: i for i, n in enumerate(scores)}
+    return sorted(scores, key=lambda n: (-round(scores[n], decimals), index[n]))
 
 
 class RankingStability:

@@ -39,7 +39,10 @@ def _log_std_per_node(name: str, std: Tensor, n_heads: int, per_position: bool) 
 
 
 def std_node_scores(noise: NoiseHooks) -> dict[str, float]:
-    """``-log std`` per node from the current stds, in node order (see module doc)."""
+    """``-log std`` per node from the current stds, in node order (see module doc); for edge
+    noise, each node's best outgoing edge (:meth:`tl_noise.edges.EdgeNoise.std_node_scores`)."""
+    if noise.kind != "nodes":
+        return noise.std_node_scores()  # type: ignore[operator]
     n_heads = int(noise.model.cfg.n_heads)
     sums: dict[str, list[float]] = {}
     for name, std in noise.stds().items():

@@ -62,6 +62,9 @@ FINGERPRINT_FIELDS = (
     "normalization_type",
     "positional_embedding_type",
 )
+NOISE_KINDS: dict[str, type[NoiseHooks]] = {}
+"""Saved noise of another kind than nodes (``config["kind"]``) -> the class that loads it
+(``tl_noise.edges`` registers ``"edges"``)."""
 CONFIG_FILE = "noise_config.json"
 STATE_FILE = "noise_state.safetensors"
 
@@ -89,6 +92,7 @@ class NoiseHooks(nn.Module):
     """
 
     _model: Any  # the model, set with object.__setattr__ so that it is not a submodule
+    kind = "nodes"  # what the stds belong to: "nodes" (hook points) or "edges"
 
     def __init__(self, model: Any, layers: dict[str, NoiseLayer], seed: int | None = 0) -> None:
         super().__init__()
@@ -256,6 +260,13 @@ class NoiseHooks(nn.Module):
         return groups
 
     # ------------------------------------------------------------------ stds
+    def ranking_scores(self) -> dict[str, float]:
+        """What a fit watches to stop once its ranking holds: ``-log std`` per node here
+        (per edge for edge noise)."""
+        from tl_noise.hooks.importance import std_node_scores
+
+        return std_node_scores(self)
+
     def stds(self) -> dict[str, Tensor]:
         """Hook name -> current std (detached, CPU float32), shaped as the granularity."""
         with torch.no_grad():
@@ -302,6 +313,11 @@ class NoiseHooks(nn.Module):
         check_model(model)
         if not isinstance(config, dict) or config.get("format") != "tl-noise/noise-hooks":
             raise ValueError("not a tl-noise noise config (missing format 'tl-noise/noise-hooks')")
+        kind = config.get("kind", "nodes")
+        if kind != cls.kind:
+            if kind not in NOISE_KINDS:
+                raise ValueError(f"tl-noise noise config of unknown kind {kind!r}")
+            return NOISE_KINDS[kind].from_config(config, model)
         for key, kind in (("fingerprint", dict), ("order", list), ("hooks", dict)):
             if not isinstance(config.get(key), kind):
                 raise ValueError(

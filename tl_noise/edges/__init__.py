@@ -1,0 +1,13 @@
+"""Edge-level noise: one learned std per writer -> reader edge, readers rebuilt from writers.
+
+* :mod:`~tl_noise.edges.graph`: writers, readers and MIB's edge names (:class:`EdgeGraph`);
+* :mod:`~tl_noise.edges.weights`: the projections and layer norms a rebuilt q/k/v needs;
+* :mod:`~tl_noise.edges.noise`: :class:`EdgeNoise`, the hooks that rebuild every reader;
+* :mod:`~tl_noise.edges.attach`: :func:`attach_edge_noise`, :func:`edge_importance`.
+"""
+
+from tl_noise.edges.attach import attach_edge_noise, edge_importance
+from tl_noise.edges.graph import EdgeGraph
+from tl_noise.edges.noise import EdgeNoise
+
+__all__ = ["EdgeGraph", "EdgeNoise", "attach_edge_noise", "edge_importance"]

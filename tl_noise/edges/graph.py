@@ -1,0 +1,120 @@
+"""The edges of a transformer's computational graph, as MIB names them, and how they are stored.
+
+*Writers* add to the residual stream: ``input`` (token and position embeddings: the residual
+stream before block 0), every head ``a{l}.h{h}`` (its ``z W_O``, without ``b_O``) and every MLP
+``m{l}`` (its output). *Readers* read it: each head's ``<q>``, ``<k>`` and ``<v>`` input, each MLP's
+input, and ``logits``. An edge ``writer->reader`` exists when the writer is upstream of the reader
+(a head reads every writer of earlier layers; an MLP also reads the heads of its own layer).
+
+Writers are numbered in forward order (``input``, then per layer its heads and its MLP), so the
+writers of any reader are a prefix of that list. The learned stds live in one block per group of
+readers that share their writers: ``blocks.{l}.attn.edges`` ``[3 n_heads, W_l]`` (rows: the
+``q`` readers of heads ``0..H-1``, then the ``k`` readers, then the ``v`` readers),
+``blocks.{l}.mlp.edges`` ``[1, W_l + n_heads]`` and ``logits.edges`` ``[1, W]``, where ``W_l``
+is the number of writers upstream of layer ``l``.
+
+>>> graph = EdgeGraph(n_layers=2, n_heads=2, mlps=True)
+>>> graph.writers
+['input', 'a0.h0', 'a0.h1', 'm0', 'a1.h0', 'a1.h1', 'm1']
+>>> graph.block_shapes()["blocks.1.attn.edges"], graph.n_edges
+((6, 4), 35)
+>>> graph.edge_name("blocks.1.attn.edges", 3, 2)
+'a0.h1->a1.h1<k>'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+from tl_noise.names import head_node, mlp_node
+
+QKV = "qkv"
+LOGITS_BLOCK = "logits.edges"
+
+
+def attn_block(layer: int) -> str:
+    return f"blocks.{layer}.attn.edges"
+
+
+def mlp_block(layer: int) -> str:
+    return f"blocks.{layer}.mlp.edges"
+
+
+@dataclass(frozen=True)
+class EdgeGraph:
+    """The writers, readers and edges of a model with ``n_layers`` blocks of ``n_heads`` heads
+    (and an MLP per block when ``mlps``)."""
+
+    n_layers: int
+    n_heads: int
+    mlps: bool = True
+
+    @property
+    def per_layer(self) -> int:
+        """Writers each block adds: its heads, and its MLP."""
+        return self.n_heads + int(self.mlps)
+
+    @cached_property
+    def writers(self) -> list[str]:
+        out = ["input"]
+        for layer in range(self.n_layers):
+            out += [head_node(layer, h) for h in range(self.n_heads)]
+            if self.mlps:
+                out.append(mlp_node(layer))
+        return out
+
+    def upstream_of_layer(self, layer: int) -> int:
+        """How many writers a head of ``layer`` reads (``input`` and every earlier block)."""
+        return 1 + layer * self.per_layer
+
+    def blocks(self) -> list[str]:
+        """The std blocks in forward order."""
+        out = []
+        for layer in range(self.n_layers):
+            out.append(attn_block(layer))
+            if self.mlps:
+                out.append(mlp_block(layer))
+        return out + [LOGITS_BLOCK]
+
+    def block_shapes(self) -> dict[str, tuple[int, int]]:
+        """``{block: (readers, writers)}``."""
+        shapes = {}
+        for layer in range(self.n_layers):
+            upstream = self.upstream_of_layer(layer)
+            shapes[attn_block(layer)] = (3 * self.n_heads, upstream)
+            if self.mlps:
+                shapes[mlp_block(layer)] = (1, upstream + self.n_heads)
+        shapes[LOGITS_BLOCK] = (1, len(self.writers))
+        return shapes
+
+    @property
+    def n_edges(self) -> int:
+        return sum(r * w for r, w in self.block_shapes().values())
+
+    def readers(self, block: str) -> list[str]:
+        """MIB names of a block's readers, in row order."""
+        if block == LOGITS_BLOCK:
+            return ["logits"]
+        layer = int(block.split(".")[1])
+        if block.endswith(".mlp.edges"):
+            return [mlp_node(layer)]
+        return [f"{head_node(layer, h)}<{x}>" for x in QKV for h in range(self.n_heads)]
+
+    def edge_name(self, block: str, row: int, column: int) -> str:
+        return f"{self.writers[column]}->{self.readers(block)[row]}"
+
+    def edge_names(self, block: str) -> list[list[str]]:
+        """``[readers][writers]`` MIB edge names of a block."""
+        rows, columns = self.block_shapes()[block]
+        readers = self.readers(block)
+        return [[f"{self.writers[c]}->{readers[r]}" for c in range(columns)] for r in range(rows)]
+
+    def locate(self) -> dict[str, tuple[str, int, int]]:
+        """``{edge name: (block, row, column)}`` of every edge."""
+        out = {}
+        for block in self.blocks():
+            for r, row in enumerate(self.edge_names(block)):
+                for c, name in enumerate(row):
+                    out[name] = (block, r, c)
+        return out

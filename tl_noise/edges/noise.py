@@ -1,0 +1,397 @@
+"""Edge noise: one learned std per writer -> reader edge, each reader's input rebuilt from its
+writers.
+
+A reader ``r`` (a head's q, k or v input, an MLP's input, the logits' input) normally reads the
+residual stream ``x = b + sum_w c_w``, the sum of its upstream writers' contributions ``c_w``
+(:mod:`tl_noise.edges.graph`) and constant biases ``b``. With edge noise it reads instead
+
+.. math::  \\tilde x_r = x + \\sum_w \\sigma_{w r}\\,(\\mu_w - c_w)
+            + \\sqrt{\\textstyle\\sum_w \\sigma_{w r}^2 s_w^2}\\;\\odot\\epsilon_r
+
+(the *replacement* form: each edge carries ``(1 - sigma) c_w + sigma (mu_w + s_w eps)``, so
+``sigma = 1`` resamples the writer from a Gaussian with its mean ``mu_w`` and per-dimension std
+``s_w``), or ``x + sqrt(sum_w sigma^2 s_w^2) eps_r`` (the *additive* form). The independent
+per-edge draws of one reader sum to the one Gaussian above, so a reader draws ``d_model`` numbers,
+not one per edge. ``mu_w`` and ``s_w`` are calibrated on data with the noise off; a writer that
+never varies has ``s_w = 0`` and ``mu_w = c_w``, so its edges carry no noise. Constant biases
+(``b_O``, the layer norms' biases) carry no information and are never noised; an MLP's output
+bias is part of its (constant) mean.
+
+The rebuild is layer by layer: writers' ``mu_w - c_w`` are kept as they are produced (one
+``[n_writers, batch, pos, d_model]`` tensor per block), and each reader group contracts its stds
+with them (one matrix product per writer block). A head's rebuilt input goes through ``ln1`` and
+its own ``W_Q``/``W_K``/``W_V`` (:mod:`tl_noise.edges.weights`), replacing the model's
+``hook_q``/``hook_k``/``hook_v``; an MLP's replaces ``hook_mlp_in`` (before ``ln2``, as
+TransformerLens puts it; ``use_hook_mlp_in`` is switched on while attached) and the logits' the
+last block's ``hook_resid_post``. Nothing else in the residual stream changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tl_noise.devices import model_device
+from tl_noise.edges.graph import LOGITS_BLOCK, EdgeGraph, attn_block, mlp_block
+from tl_noise.edges.weights import ReaderWeights, check_edge_model
+from tl_noise.errors import TLNoiseValueError
+from tl_noise.hooks.calibration import add_permanent_hook, default_probe_tokens, remove_hook
+from tl_noise.hooks.noise_hooks import NOISE_KINDS, NoiseHooks
+from tl_noise.hooks.owners import mark, owners
+from tl_noise.noise.granularity import DEAD_UNIT_RTOL
+from tl_noise.noise.layer import NoiseLayer
+
+REBUILD_RTOL = 1e-4
+"""The largest relative difference between a rebuilt q/k/v and the model's own (float32) that
+:meth:`EdgeNoise.check_rebuild` accepts."""
+
+
+class EdgeNoise(NoiseHooks):
+    """Edge noise attached to a model (see the module doc); built by
+    :func:`~tl_noise.edges.attach_edge_noise`.
+
+    Its layers are :class:`~tl_noise.noise.NoiseLayer` objects holding one std per edge of a
+    reader group (``noise.layer("blocks.3.attn.edges").std()``: ``[3 n_heads, writers]``), so
+    the parameterizations, the optimiser groups, saving and :func:`tl_noise.fit` work as for
+    node noise. ``writer_mean``/``writer_scale`` ``[n_writers, d_model]``: each writer's
+    calibrated mean contribution and per-dimension std.
+    """
+
+    kind = "edges"
+    writer_mean: Tensor
+    writer_scale: Tensor
+
+    def __init__(
+        self,
+        model: Any,
+        layers: dict[str, NoiseLayer],
+        graph: EdgeGraph,
+        form: str = "replacement",
+        seed: int | None = 0,
+    ) -> None:
+        super().__init__(model, layers, seed)
+        check_edge_model(model)
+        self.graph, self.form = graph, form
+        d_model = int(model.cfg.d_model)
+        self.register_buffer("writer_mean", torch.zeros(len(graph.writers), d_model))
+        self.register_buffer("writer_scale", torch.zeros(len(graph.writers), d_model))
+        self._weights: ReaderWeights | None = None
+        self._resid: dict[int, Tensor] = {}
+        self._deltas: list[Tensor] = []  # [writers of a block, batch, pos, d_model], in order
+        self._fixed: dict[str, Tensor] | None = None  # block -> sigma, no draws (ablations)
+        self._check: list[float] | None = None  # relative rebuild errors, while checking
+        self._keep = False  # keep the writers' contributions after the forward (calibration)
+        self._mlp_in_flag: bool | None = None
+
+    # ------------------------------------------------------------ attachment
+    def hook_points(self) -> list[tuple[str, Callable]]:
+        """``(hook name, function)`` of every hook edge noise puts on the model."""
+        n_layers = self.graph.n_layers
+        points: list[tuple[str, Callable]] = []
+        for layer in range(n_layers):
+            points.append((f"blocks.{layer}.hook_resid_pre", self._resid_hook(layer)))
+            for which, x in enumerate("qkv"):
+                points.append((f"blocks.{layer}.attn.hook_{x}", self._qkv_hook(layer, which)))
+            points.append((f"blocks.{layer}.attn.hook_z", self._z_hook(layer)))
+            if self.graph.mlps:
+                points.append((f"blocks.{layer}.hook_mlp_in", self._mlp_in_hook(layer)))
+                points.append((f"blocks.{layer}.hook_mlp_out", self._mlp_out_hook(layer)))
+        points.append((f"blocks.{n_layers - 1}.hook_resid_post", self._logits_hook()))
+        return points
+
+    def attach(self) -> EdgeNoise:
+        """Put the noise on the model; ValueError if other tl-noise noise sits on its hooks."""
+        if self.attached:
+            return self
+        self.remove()
+        points = self.hook_points()
+        taken = sorted(
+            {n for n, _ in points if any(o is not self for o in owners(self._model.hook_dict[n]))}
+        )
+        if taken:
+            raise TLNoiseValueError(
+                f"hook point(s) {taken} already carry tl-noise noise; remove it first "
+                "(noise.remove()): edge noise reads and rebuilds the whole residual stream"
+            )
+        self._weights = ReaderWeights.of(self._model)
+        if self.graph.mlps:
+            self._mlp_in_flag = bool(getattr(self._model.cfg, "use_hook_mlp_in", False))
+            self._model.set_use_hook_mlp_in(True)
+        try:
+            for name, fn in points:
+                point = self._model.hook_dict[name]
+                handle = add_permanent_hook(point, fn)
+                self._handles.append((point, handle))
+                mark(point, handle, self)
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        while self._handles:
+            remove_hook(*self._handles.pop())
+        if self._mlp_in_flag is not None:
+            self._model.set_use_hook_mlp_in(self._mlp_in_flag)
+            self._mlp_in_flag = None
+        self._clear()
+
+    def _clear(self) -> None:
+        self._resid, self._deltas = {}, []
+
+    # --------------------------------------------------------------- rebuild
+    def _active(self, block: str) -> bool:
+        return self._fixed is not None or self.layer(block).mode != "off"
+
+    def _sigma(self, block: str) -> Tensor:
+        if self._fixed is not None:
+            return self._fixed[block]
+        return self.layer(block).std()
+
+    def delta(
+        self, block: str, rows: slice, like: Tensor
+    ) -> Float[Tensor, "batch pos readers d_model"]:
+        """``x~_r - x`` of the readers ``rows`` of ``block`` (see the module doc)."""
+        sigma = self._sigma(block)[rows].to(like.dtype)
+        n_writers = sigma.shape[1]
+        batch, pos = like.shape[0], like.shape[1]
+        out = like.new_zeros(batch, pos, sigma.shape[0], like.shape[-1])
+        sampling = self._fixed is None and self.layer(block).mode == "sample"
+        if self.form == "replacement" or self._fixed is not None:
+            start = 0
+            for deltas in self._deltas:
+                stop = min(start + deltas.shape[0], n_writers)
+                if stop <= start:
+                    break
+                part = sigma[:, start:stop]
+                flat = deltas[: stop - start].reshape(stop - start, -1)
+                out = out + (part @ flat).reshape(-1, batch, pos, like.shape[-1]).permute(
+                    1, 2, 0, 3
+                )
+                start = stop
+        if sampling:
+            scale = self.writer_scale[:n_writers].to(like.dtype)
+            std = (sigma.square() @ scale.square()).clamp_min(1e-30).sqrt()  # [readers, d_model]
+            eps = torch.randn(
+                out.shape, generator=self.generator(like.device), device=like.device,
+                dtype=like.dtype,
+            )  # fmt: skip
+            out = out + std * eps
+        return out
+
+    def _resid_hook(self, layer: int) -> Callable:
+        def hook(x: Tensor, hook: Any) -> None:
+            if layer == 0:
+                self._clear()
+            self._resid[layer] = x
+            if layer == 0:
+                self._deltas.append(self.writer_mean[:1].to(x.dtype) - x.unsqueeze(0))
+
+        return hook
+
+    def _qkv_hook(self, layer: int, which: int) -> Callable:
+        heads = int(self.graph.n_heads)
+        rows = slice(which * heads, (which + 1) * heads)
+        block = attn_block(layer)
+
+        def hook(x: Tensor, hook: Any) -> Tensor | None:
+            if not self._active(block):
+                return None
+            assert self._weights is not None
+            resid = self._resid[layer]
+            rebuilt = resid.unsqueeze(2) + self.delta(block, rows, resid)  # [b, p, heads, d]
+            out = self._weights.project(layer, which, rebuilt).to(x.dtype)
+            if self._check is not None:
+                scale = x.abs().max().clamp_min(1e-12)
+                self._check.append(float((out - x).abs().max() / scale))
+            return out
+
+        return hook
+
+    def _z_hook(self, layer: int) -> Callable:
+        first = self.graph.upstream_of_layer(layer)
+
+        def hook(z: Tensor, hook: Any) -> None:
+            assert self._weights is not None
+            heads = self._weights.head_outputs(layer, z)  # [heads, b, p, d]
+            mean = self.writer_mean[first : first + heads.shape[0]].to(heads.dtype)
+            self._deltas.append(mean[:, None, None, :] - heads)
+
+        return hook
+
+    def _mlp_in_hook(self, layer: int) -> Callable:
+        block = mlp_block(layer)
+
+        def hook(x: Tensor, hook: Any) -> Tensor | None:
+            if not self._active(block):
+                return None
+            return x + self.delta(block, slice(0, 1), x)[:, :, 0]
+
+        return hook
+
+    def _mlp_out_hook(self, layer: int) -> Callable:
+        index = self.graph.upstream_of_layer(layer) + self.graph.n_heads
+
+        def hook(x: Tensor, hook: Any) -> None:
+            self._deltas.append(self.writer_mean[index : index + 1].to(x.dtype) - x.unsqueeze(0))
+
+        return hook
+
+    def _logits_hook(self) -> Callable:
+        def hook(x: Tensor, hook: Any) -> Tensor | None:
+            out = x + self.delta(LOGITS_BLOCK, slice(0, 1), x)[:, :, 0] if self._active(
+                LOGITS_BLOCK) else None  # fmt: skip
+            if not self._keep:
+                self._clear()  # the forward's last reader: free the writers' contributions
+            return out
+
+        return hook
+
+    # ------------------------------------------------------------- ablations
+    @contextmanager
+    def fixed(self, sigmas: dict[str, Tensor]) -> Iterator[EdgeNoise]:
+        """Within the block every reader uses ``sigmas`` (``{block: [readers, writers]}``)
+        without draws: ``sigma = 1`` mean-ablates an edge, ``0`` keeps it (any form)."""
+        shapes = self.graph.block_shapes()
+        for block, shape in shapes.items():
+            if block not in sigmas or tuple(sigmas[block].shape) != shape:
+                raise TLNoiseValueError(f"fixed sigmas need {block!r} shaped {list(shape)}")
+        saved, self._fixed = self._fixed, dict(sigmas)
+        try:
+            yield self
+        finally:
+            self._fixed = saved
+
+    # ----------------------------------------------------------- calibration
+    @torch.no_grad()
+    def calibrate(self, tokens: Int[Tensor, "n pos"], batch_size: int = 16) -> None:
+        """Each writer's mean contribution and per-dimension std on ``tokens`` (noise off);
+        writers that never vary (std <= 1e-6 of the largest) get a std of 0."""
+        sums = torch.zeros_like(self.writer_mean, dtype=torch.float64)
+        squares = torch.zeros_like(sums)
+        count = 0
+        saved, self._fixed, self._keep = self._fixed, None, True
+        try:
+            with self.switched_off():
+                for start in range(0, tokens.shape[0], batch_size):
+                    batch = tokens[start : start + batch_size].to(self.writer_mean.device)
+                    self._model(batch)
+                    contributions = self._contributions()
+                    sums += contributions.sum((1, 2))
+                    squares += contributions.square().sum((1, 2))
+                    count += batch.shape[0] * batch.shape[1]
+        finally:
+            self._fixed, self._keep = saved, False
+            self._clear()
+        mean = sums / count
+        std = (squares / count - mean.square()).clamp_min(0).sqrt()
+        dead = std.norm(dim=-1) <= DEAD_UNIT_RTOL * std.norm(dim=-1).max().clamp_min(1e-30)
+        std[dead] = 0.0
+        self.writer_mean.copy_(mean.to(self.writer_mean.dtype))
+        self.writer_scale.copy_(std.to(self.writer_scale.dtype))
+        self.calibration_source = "data"
+
+    def _contributions(self) -> Float[Tensor, "writers batch pos d_model"]:
+        """The last forward's writer contributions ``c_w`` (from ``mu_w - c_w`` with mu = 0
+        during calibration: the stored means are subtracted back)."""
+        stacked = torch.cat(self._deltas).double()
+        return self.writer_mean[: stacked.shape[0], None, None, :].double() - stacked
+
+    @torch.no_grad()
+    def check_rebuild(self, tokens: Int[Tensor, "n pos"] | None = None) -> float:
+        """The largest relative difference between the rebuilt and the model's own q/k/v with
+        every edge kept; ValueError above :data:`REBUILD_RTOL` (the model computes its readers
+        in a way tl-noise does not reproduce)."""
+        tokens = default_probe_tokens(self._model, n=2, pos=8) if tokens is None else tokens
+        zeros = {b: torch.zeros(s, device=self.writer_mean.device)
+                 for b, s in self.graph.block_shapes().items()}  # fmt: skip
+        self._check = []
+        try:
+            with self.fixed(zeros):
+                self._model(tokens.to(self.writer_mean.device))
+            worst = max(self._check, default=0.0)
+        finally:
+            self._check = None
+        if not worst <= REBUILD_RTOL:
+            raise TLNoiseValueError(
+                f"edge noise rebuilds this model's q/k/v with a relative error of {worst:.3g} "
+                f"(accepted: {REBUILD_RTOL}); its attention or layer norm computes them in a way "
+                "tl-noise does not reproduce"
+            )
+        return worst
+
+    # ----------------------------------------------------------- importance
+    def edge_scores(self) -> dict[str, float]:
+        """``-log std`` of every edge, by MIB name, in forward order (blocks, readers, writers)."""
+        out: dict[str, float] = {}
+        for block, std in self.stds().items():
+            logs = -std.double().clamp_min(1e-30).log()
+            for row, names in enumerate(self.graph.edge_names(block)):
+                out.update(zip(names, logs[row].tolist(), strict=True))
+        return out
+
+    def ranking_scores(self) -> dict[str, float]:
+        return self.edge_scores()
+
+    def std_node_scores(self) -> dict[str, float]:
+        """A head's or MLP's score: the highest score of the edges it writes (a node matters as
+        much as its most needed output), in node order."""
+        best: dict[str, float] = {w: -float("inf") for w in self.graph.writers[1:]}
+        for name, score in self.edge_scores().items():
+            writer = name.split("->", 1)[0]
+            if writer in best:
+                best[writer] = max(best[writer], score)
+        return best
+
+    # ------------------------------------------------------------ save/load
+    def config(self) -> dict[str, Any]:
+        out = super().config()
+        graph = self.graph
+        out.update(kind=self.kind, form=self.form,
+                   graph={"n_layers": graph.n_layers, "n_heads": graph.n_heads,
+                          "mlps": graph.mlps})  # fmt: skip
+        return out
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], model: Any) -> EdgeNoise:
+        """Rebuild (unattached, freshly initialised) edge noise for ``model`` from a config."""
+        graph_config = config.get("graph") if isinstance(config, dict) else None
+        if not isinstance(graph_config, dict) or not isinstance(config.get("hooks"), dict):
+            raise TLNoiseValueError("malformed tl-noise edge noise config: no graph or hooks")
+        try:
+            graph = EdgeGraph(int(graph_config["n_layers"]), int(graph_config["n_heads"]),
+                              bool(graph_config["mlps"]))  # fmt: skip
+        except (KeyError, TypeError, ValueError) as err:
+            raise TLNoiseValueError(f"malformed tl-noise edge noise config: graph {err!r}") from err
+        cfg = model.cfg
+        if (graph.n_layers, graph.n_heads) != (int(cfg.n_layers), int(cfg.n_heads)):
+            raise TLNoiseValueError(
+                f"the saved edge noise is for {graph.n_layers} layers x {graph.n_heads} heads; "
+                f"the model has {cfg.n_layers} x {cfg.n_heads}"
+            )
+        shapes = graph.block_shapes()
+        if list(config["hooks"]) != list(shapes) or config.get("order") != list(shapes):
+            raise TLNoiseValueError("malformed tl-noise edge noise config: its blocks are not "
+                                    f"the graph's ({list(shapes)[:3]}...)")  # fmt: skip
+        layers = {}
+        for block, shape in shapes.items():
+            layer = NoiseLayer.from_config(config["hooks"][block], name=block)
+            if layer.unit_shape != shape:
+                raise TLNoiseValueError(f"edge block {block!r} is {list(layer.unit_shape)}; "
+                                        f"the graph has {list(shape)}")  # fmt: skip
+            layers[block] = layer
+        form = config.get("form", "replacement")
+        noise = cls(model, layers, graph, form=form, seed=config.get("seed", 0))
+        noise.calibration_source = config.get("calibration_source", "none")
+        scores, info = config.get("node_scores"), config.get("ranking_info")
+        noise.node_scores = scores if isinstance(scores, dict) else None
+        noise.ranking_info = info if isinstance(info, dict) else None
+        return noise.to(model_device(model))
+
+
+NOISE_KINDS["edges"] = EdgeNoise

@@ -1,0 +1,128 @@
+"""The weights edge noise needs to rebuild a head's q/k/v from its own rebuilt input.
+
+A head reads ``LN1(x)`` through ``W_Q[h]``, ``W_K[h]``, ``W_V[h]``; with edge noise each head's
+``x`` differs, so its q/k/v are recomputed as ``LN1(x_h) W[h] + b[h]``. The projections come from
+the model's ``W_Q``/``b_Q``... (``[n_layers, n_heads, d_model, d_head]``, the same on
+TransformerLens 4.x bridges and 3.x ``HookedTransformer``), ``W_O`` turns a head's ``z`` into its
+contribution to the residual stream, and the layer norm is read off the block's ``ln1`` module
+(LN, LNPre, RMS, RMSPre or none, as ``cfg.normalization_type`` says). What the model does is
+checked when the noise is attached (:meth:`tl_noise.edges.EdgeNoise.check_rebuild`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+from tl_noise.errors import TLNoiseValueError
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    return getattr(cfg, key, default)
+
+
+def check_edge_model(model: Any) -> None:
+    """ValueError naming the setting when edge noise cannot rebuild this model's readers."""
+    cfg = model.cfg
+    problems = []
+    if _get(cfg, "parallel_attn_mlp"):
+        problems.append("parallel attention/MLP blocks (parallel_attn_mlp=True)")
+    pos = _get(cfg, "positional_embedding_type", "standard")
+    if pos not in (None, "standard", "shortformer"):
+        problems.append(f"positional_embedding_type={pos!r} (rotary/alibi act inside attention)")
+    kv = _get(cfg, "n_key_value_heads")
+    if kv not in (None, cfg.n_heads):
+        problems.append(f"grouped-query attention (n_key_value_heads={kv})")
+    for key in ("use_qk_norm", "use_normalization_before_and_after", "post_embedding_ln"):
+        if _get(cfg, key):
+            problems.append(f"{key}=True")
+    if problems:
+        raise TLNoiseValueError(
+            "edge noise cannot rebuild the readers of this model: "
+            + "; ".join(problems)
+            + " (supported: sequential blocks with learned or no positional embeddings and one "
+            "key/value head per query head)"
+        )
+
+
+@dataclass
+class Norm:
+    """A block's layer norm as a function of the last axis."""
+
+    kind: str | None  # "LN", "LNPRE", "RMS", "RMSPRE" or None
+    w: Tensor | None
+    b: Tensor | None
+    eps: float
+
+    def __call__(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        if self.kind in ("LN", "LNPRE"):
+            return F.layer_norm(x, x.shape[-1:], self.w, self.b, self.eps)
+        if self.kind in ("RMS", "RMSPRE"):
+            return F.rms_norm(x, x.shape[-1:], self.w, self.eps)
+        return x
+
+
+def _norm_parameters(module: Any) -> tuple[Tensor | None, Tensor | None]:
+    """``(weight, bias)`` of a TransformerLens 3.x norm (``w``/``b``), a 4.x bridge's wrapped
+    Hugging Face norm (``weight``/``bias``) or a plain ``nn.LayerNorm``; None where absent."""
+    for owner in (module, getattr(module, "_original_component", None)):
+        if owner is None:
+            continue
+        for w_name, b_name in (("w", "b"), ("weight", "bias")):
+            w = getattr(owner, w_name, None)
+            if isinstance(w, Tensor):
+                b = getattr(owner, b_name, None)
+                return w.detach(), b.detach() if isinstance(b, Tensor) else None
+    return None, None
+
+
+def block_norm(model: Any, module: Any) -> Norm:
+    kind = str(_get(model.cfg, "normalization_type")).upper()
+    kind_or_none = None if kind == "NONE" else kind
+    w, b = _norm_parameters(module) if kind_or_none in ("LN", "RMS") else (None, None)
+    return Norm(kind_or_none, w, b, float(_get(model.cfg, "eps", 1e-5)))
+
+
+@dataclass
+class ReaderWeights:
+    """Per layer: ``ln1``, the stacked ``W_Q, W_K, W_V`` ``[3, n_heads, d_model, d_head]`` and
+    ``b_Q, b_K, b_V`` ``[3, n_heads, d_head]``, and ``W_O`` ``[n_heads, d_head, d_model]``."""
+
+    ln1: list[Norm]
+    w_qkv: list[Tensor]
+    b_qkv: list[Tensor]
+    w_o: list[Tensor]
+
+    @classmethod
+    def of(cls, model: Any) -> ReaderWeights:
+        with torch.no_grad():
+            w = [model.W_Q.detach(), model.W_K.detach(), model.W_V.detach()]
+            b = [model.b_Q.detach(), model.b_K.detach(), model.b_V.detach()]
+            w_o = model.W_O.detach()
+        n_layers = int(model.cfg.n_layers)
+        return cls(
+            ln1=[block_norm(model, model.blocks[layer].ln1) for layer in range(n_layers)],
+            w_qkv=[torch.stack([x[layer] for x in w]) for layer in range(n_layers)],
+            b_qkv=[torch.stack([x[layer] for x in b]) for layer in range(n_layers)],
+            w_o=[w_o[layer] for layer in range(n_layers)],
+        )
+
+    def project(
+        self, layer: int, which: int, x: Float[Tensor, "batch pos n_heads d_model"]
+    ) -> Float[Tensor, "batch pos n_heads d_head"]:
+        """``LN1(x_h) W[h] + b[h]`` for every head ``h`` (``which``: 0 q, 1 k, 2 v)."""
+        w, b = self.w_qkv[layer][which], self.b_qkv[layer][which]
+        normed = self.ln1[layer](x)
+        return torch.einsum("bphd,hde->bphe", normed.to(w.dtype), w) + b
+
+    def head_outputs(
+        self, layer: int, z: Float[Tensor, "batch pos n_heads d_head"]
+    ) -> Float[Tensor, "n_heads batch pos d_model"]:
+        """Each head's contribution ``z_h W_O[h]`` to the residual stream (no ``b_O``)."""
+        w_o = self.w_o[layer]
+        return torch.einsum("bphe,hed->hbpd", z.to(w_o.dtype), w_o)
