@@ -17,7 +17,7 @@ is the number of writers upstream of layer ``l``.
 >>> graph.writers
 ['input', 'a0.h0', 'a0.h1', 'm0', 'a1.h0', 'a1.h1', 'm1']
 >>> graph.block_shapes()["blocks.1.attn.edges"], graph.n_edges
-((6, 4), 35)
+((6, 4), 46)
 >>> graph.edge_name("blocks.1.attn.edges", 3, 2)
 'a0.h1->a1.h1<k>'
 """
