@@ -16,7 +16,7 @@ Data flows one way: model -> hooks -> noise layers -> objective -> trainer -> ru
 dashboard / notebooks.
 """
 
-from tl_noise.edges import EdgeNoise, attach_edge_noise, edge_importance
+from tl_noise.edges import EdgeNoise, attach_edge_noise, edge_importance, extract_circuit
 from tl_noise.errors import TLNoiseError
 from tl_noise.fitting import FitResult, fit
 from tl_noise.fitting.projection import (
@@ -63,6 +63,7 @@ __version__ = "0.1.0"  # the only place the version is spelled (pyproject.toml r
 __all__ = [
     "attach_edge_noise",
     "edge_importance",
+    "extract_circuit",
     "CloakStandardDeviationParameterization",
     "DiagonalCovariance",
     "EdgeNoise",

@@ -86,6 +86,7 @@ class EdgeNoise(NoiseHooks):
         self._fixed: dict[str, Tensor] | None = None  # block -> sigma, no draws (ablations)
         self._check: list[float] | None = None  # relative rebuild errors, while checking
         self._keep = False  # keep the writers' contributions after the forward (calibration)
+        self._patch: Tensor | None = None  # [writers, batch, pos, d]: used instead of the means
         self._mlp_in_flag: bool | None = None
 
     # ------------------------------------------------------------ attachment
@@ -184,6 +185,13 @@ class EdgeNoise(NoiseHooks):
             out = out + std * eps
         return out
 
+    def _reference(self, first: int, n: int, like: Tensor) -> Tensor:
+        """What writers ``first .. first + n`` are replaced by: their means ``[n, 1, 1, d]``, or
+        the contributions of another input (:meth:`patched`) ``[n, batch, pos, d]``."""
+        if self._patch is not None:
+            return self._patch[first : first + n].to(like.dtype)
+        return self.writer_mean[first : first + n, None, None, :].to(like.dtype)
+
     def _resid_hook(self, layer: int) -> Callable:
         def hook(x: Tensor, hook: Any) -> None:
             if layer == 0:
@@ -219,8 +227,7 @@ class EdgeNoise(NoiseHooks):
         def hook(z: Tensor, hook: Any) -> None:
             assert self._weights is not None
             heads = self._weights.head_outputs(layer, z)  # [heads, b, p, d]
-            mean = self.writer_mean[first : first + heads.shape[0]].to(heads.dtype)
-            self._deltas.append(mean[:, None, None, :] - heads)
+            self._deltas.append(self._reference(first, heads.shape[0], heads) - heads)
 
         return hook
 
@@ -238,7 +245,7 @@ class EdgeNoise(NoiseHooks):
         index = self.graph.upstream_of_layer(layer) + self.graph.n_heads
 
         def hook(x: Tensor, hook: Any) -> None:
-            self._deltas.append(self.writer_mean[index : index + 1].to(x.dtype) - x.unsqueeze(0))
+            self._deltas.append(self._reference(index, 1, x) - x.unsqueeze(0))
 
         return hook
 
@@ -266,6 +273,31 @@ class EdgeNoise(NoiseHooks):
             yield self
         finally:
             self._fixed = saved
+
+    @contextmanager
+    def patched(self, contributions: Tensor) -> Iterator[EdgeNoise]:
+        """Within the block an ablated edge carries ``contributions`` (``[writers, batch, pos,
+        d_model]``, e.g. :meth:`contributions_of` a corrupted input) instead of the writer's
+        mean: resample ablation, as in activation patching."""
+        saved, self._patch = self._patch, contributions
+        try:
+            yield self
+        finally:
+            self._patch = saved
+
+    @torch.no_grad()
+    def contributions_of(self, tokens: Int[Tensor, "b pos"]) -> Tensor:
+        """Every writer's contribution ``c_w`` ``[writers, b, pos, d_model]`` on ``tokens``, with
+        the noise off."""
+        saved, self._fixed, self._keep, patch = self._fixed, None, True, self._patch
+        self._patch = None
+        try:
+            with self.switched_off():
+                self._model(tokens.to(self.writer_mean.device))
+            return self._contributions().to(self.writer_mean.dtype)
+        finally:
+            self._fixed, self._keep, self._patch = saved, False, patch
+            self._clear()
 
     # ----------------------------------------------------------- calibration
     @torch.no_grad()
