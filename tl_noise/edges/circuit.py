@@ -188,7 +188,7 @@ class EdgeCircuitEvaluator:
             value.backward()
             count += terms
         self.forwards += 3
-        out = {}
+        out: dict[str, float] = {}
         for block, sigma in sigmas.items():
             grad = (sigma.grad if sigma.grad is not None else torch.zeros_like(sigma)) / count
             for row, names in enumerate(self.graph.edge_names(block)):
