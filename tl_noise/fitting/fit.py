@@ -16,6 +16,7 @@ from tl_noise.fitting import distributed
 from tl_noise.fitting.callbacks import Callback, ProgressBar, RunDirectory, versions
 from tl_noise.fitting.checkpoint import Checkpoint, read_resume_checkpoint
 from tl_noise.fitting.config import FitConfig
+from tl_noise.fitting.edge_curve import EdgeCircuitCurve
 from tl_noise.fitting.guard import (
     check_metric_output,
     check_resume_steps,
@@ -206,6 +207,7 @@ def _fit(
             ProgressBar(disable=quiet or not ctx.is_main),
             # before the run directory, which saves the refined ranking with the noise
             *(refine if cfg.refine_window else []),
+            *([EdgeCircuitCurve(cfg.refine_examples)] if noise.kind == "edges" else []),
             *([RunDirectory(writer)] if writer else []),
         ]
         result = trainer.fit()

@@ -60,6 +60,22 @@ def noise_config_elements(layer: Any) -> int:
     return units * per_unit
 
 
+def _edge_buffers(config: dict[str, Any], file: str) -> int:
+    """The writers' means and scales of edge noise (``2 * writers * d_model``), else 0."""
+    if config.get("kind") != "edges":
+        return 0
+    graph: Any = config.get("graph")
+    fingerprint: Any = config.get("fingerprint")
+    try:
+        layers, heads = int(graph["n_layers"]), int(graph["n_heads"])
+        d_model = int(fingerprint["d_model"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise TLNoiseValueError(f"{file!r}: malformed edge graph or fingerprint ({err!r})") from err
+    if min(layers, heads, d_model) <= 0 or layers * heads * d_model > MAX_NOISE_ELEMENTS:
+        raise TLNoiseValueError(f"{file!r}: edge graph {layers} x {heads} x d_model {d_model}")
+    return 2 * (1 + layers * (heads + 1)) * d_model
+
+
 def check_noise_config_size(config: Any, file: str, limit: int = MAX_NOISE_ELEMENTS) -> int:
     """The bound of :func:`noise_config_elements` over a saved noise config's layers
     (``config["hooks"]``); TLNoiseValueError naming ``file`` and the layer when a layer is
@@ -68,7 +84,7 @@ def check_noise_config_size(config: Any, file: str, limit: int = MAX_NOISE_ELEME
     hooks = config.get("hooks") if isinstance(config, dict) else None
     if not isinstance(hooks, dict):
         return 0
-    total = 0
+    total = _edge_buffers(config, file)
     for name, layer in hooks.items():
         try:
             total += noise_config_elements(layer)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tl_noise.edges.graph import EdgeGraph
 from tl_noise.errors import RunFileError
 from tl_noise.hooks.noise_hooks import CONFIG_FILE, STATE_FILE
 from tl_noise.io import read_tensor_file
@@ -291,6 +292,43 @@ class Run(RunFrames):
         """``{"k": [...], "faithfulness": [...]}`` from ``summary.json`` when recorded
         (RunFileError when it is malformed)."""
         return faithfulness_of((self.summary() or {}).get("faithfulness"), str(self._summary))
+
+    # -------------------------------------------------------------------- edges
+    def is_edge_run(self) -> bool:
+        """Whether the run fitted edge noise (:func:`tl_noise.attach_edge_noise`)."""
+        return (self.config.get("noise") or {}).get("kind") == "edges"
+
+    def edge_graph(self) -> EdgeGraph:
+        """The run's :class:`~tl_noise.edges.EdgeGraph` (RunFileError when the config's is
+        malformed or the run is not an edge run)."""
+        graph: Any = (self.config.get("noise") or {}).get("graph")
+        try:
+            return EdgeGraph(int(graph["n_layers"]), int(graph["n_heads"]), bool(graph["mlps"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise RunFileError(f"run {self.name!r} has no edge graph in its config ({err!r})",
+                               str(self.path / CONFIG), "noise.graph") from err  # fmt: skip
+
+    def edge_scores(self, step: int | None = None) -> dict[str, float]:
+        """``{edge: -log std}`` (MIB names) at ``step`` (None: the fitted noise)."""
+        graph = self.edge_graph()
+        stds = self.final_stds() if step is None else self.stds_at(step)
+        out: dict[str, float] = {}
+        for block, (rows, columns) in graph.block_shapes().items():
+            std = stds.get(block)
+            if std is None or tuple(std.shape) != (rows, columns):
+                raise RunFileError(f"run {self.name!r}: the std of edge block {block!r} is "
+                                   f"missing or misshapen", str(self.path))  # fmt: skip
+            logs = -std.double().clamp_min(1e-30).log()
+            for row, names in enumerate(graph.edge_names(block)):
+                out.update(zip(names, logs[row].tolist(), strict=True))
+        return out
+
+    def edge_curve(self) -> dict[str, list[float]] | None:
+        """``{"k": [...], "faithfulness": [...]}``: the faithfulness of the top-k edges measured
+        at the end of the fit (``summary.json``'s ``ranking_info``), None when not recorded."""
+        info = (self.summary() or {}).get("ranking_info")
+        curve = info.get("faithfulness") if isinstance(info, dict) else None
+        return faithfulness_of(curve, str(self._summary))
 
     @property
     def _summary(self) -> Path:

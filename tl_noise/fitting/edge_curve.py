@@ -1,0 +1,62 @@
+"""At the end of an edge-noise fit: the faithfulness of the top-k edges at a grid of sizes.
+
+The dashboard never loads a model, so what it shows of an edge circuit's faithfulness is measured
+here, once: for each size ``k`` of :func:`curve_sizes` (MIB's edge fractions of the graph), the
+top ``k`` edges of the fitted ranking are kept and every other edge is mean-ablated over the fit's
+first ``examples`` examples (:class:`~tl_noise.edges.EdgeCircuitEvaluator`). The curve is
+recorded with the noise (``noise.ranking_info["faithfulness"]``) and in the run's
+``summary.json``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tl_noise.edges import EdgeCircuitEvaluator, edge_importance
+from tl_noise.edges.circuit import rank_edges
+from tl_noise.fitting.callbacks import Callback
+
+EDGE_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+"""The fractions of a graph's edges at which MIB reports faithfulness (CPR, CMD)."""
+
+
+def curve_sizes(n_edges: int) -> list[int]:
+    """Circuit sizes ``round(fraction * n_edges)`` (at least 1) for :data:`EDGE_FRACTIONS`."""
+    return sorted({max(1, round(f * n_edges)) for f in EDGE_FRACTIONS})
+
+
+class EdgeCircuitCurve(Callback):
+    """Measure ``f(top_k)`` at :func:`curve_sizes` after the fit (see the module doc)."""
+
+    def __init__(self, examples: int) -> None:
+        self.examples = examples
+
+    def on_fit_end(self, trainer: Any, result: Any) -> None:
+        noise = trainer.noise
+        if noise.kind != "edges":
+            return
+        began = time.time()
+        data = trainer.data
+        n = min(self.examples, len(data))
+        uses_metric = trainer.config.objective_name not in ("kl", "ce")
+        scores = edge_importance(noise)
+        with EdgeCircuitEvaluator(
+            trainer.model, data.tokens[:n], data.mask[:n],
+            metric=data.metric if uses_metric else None,
+            extras={k: v[:n] for k, v in data.extras.items()},
+        ) as evaluator:  # fmt: skip
+            ranked = rank_edges(scores, evaluator.edges)
+            sizes = curve_sizes(len(ranked))
+            values = [evaluator.faithfulness(ranked[:k]) for k in sizes]
+            forwards = evaluator.forwards
+        noise.ranking_info = {
+            **(noise.ranking_info or {}),
+            "method": "edge noise (-log std per edge)",
+            "faithfulness": {"k": sizes, "faithfulness": values, "n_edges": len(ranked)},
+            "examples": n,
+            "ablation": "mean",
+            "forwards": forwards,
+            "seconds": time.time() - began,
+        }
+        result.forwards += forwards * n / len(data)
