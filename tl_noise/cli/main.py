@@ -285,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--top", type=int, default=20)
     show.set_defaults(func=cmd_show)
 
+    from tl_noise.cli.export import add_export_parser
+
+    add_export_parser(sub)
+
     try:
         from tl_noise.cli.app import add_app_parser
     except ImportError:  # the dashboard extra is not installed

@@ -119,7 +119,10 @@ def save_circuit(
 ) -> Path:
     """Write MIB's circuit JSON to ``path`` (atomically).
 
-    ``scores``: ``{node: score}`` (``tn.node_importance(noise)``); nodes without a score (not
+    ``scores``: ``{edge: score}`` (``tn.edge_importance(noise)``; ``size``/``circuit`` then
+    choose edges: the top ``size``, the edges of ``circuit`` such as
+    ``tn.extract_circuit(...).edges``, or every scored edge), or ``{node: score}``
+    (``tn.node_importance(noise)``); nodes without a score (not
     noised) are written with score 0 and ``in_graph: false``. The circuit is the top ``size``
     scored nodes, or the nodes in ``circuit``, or (neither given) every scored node. ``model``
     supplies MIB's ``cfg`` (n_layers, n_heads, d_model, parallel_attn_mlp; a dict works too).
@@ -144,10 +147,9 @@ def circuit_payload(
         )
     cfg = mib_cfg(model)
     nodes = graph_nodes(cfg)
-    bad = {n: v for n, v in scores.items() if not isinstance(v, (int, float)) or isinstance(v, bool)
-           or not math.isfinite(v)}  # fmt: skip
-    if bad:
-        raise TLNoiseValueError(f"scores must be finite numbers; got {bad}")
+    _check_finite(scores)
+    if is_edge_scores(scores):
+        return _edge_payload(scores, cfg, nodes, size, circuit)
     unknown = sorted(set(scores) - set(nodes))
     if unknown:
         raise TLNoiseValueError(f"scores name {unknown}, which are not nodes of this model "
@@ -167,6 +169,74 @@ def circuit_payload(
             n: {"score": float(scores.get(n, 0.0)), "in_graph": n in in_graph} for n in nodes
         },
         "edges": edges,
+    }
+
+
+def is_edge_scores(scores: Mapping[str, Any]) -> bool:
+    """Whether ``scores`` names edges (``"writer->reader"``) rather than nodes."""
+    return any("->" in name for name in scores)
+
+
+def _check_finite(scores: Mapping[str, Any]) -> None:
+    bad = {n: v for n, v in scores.items() if not isinstance(v, (int, float)) or isinstance(v, bool)
+           or not math.isfinite(v)}  # fmt: skip
+    if bad:
+        raise TLNoiseValueError(f"scores must be finite numbers; got {dict(list(bad.items())[:5])}")
+
+
+def _kept_edges(
+    scores: Mapping[str, float],
+    names: list[str],
+    size: int | None,
+    circuit: Collection[str] | None,
+) -> set[str]:
+    """The edges in the circuit: ``circuit``, the top ``size`` scored, or every scored edge."""
+    if circuit is not None and size is not None:
+        raise TLNoiseValueError("give size= or circuit=, not both")
+    if circuit is not None:
+        missing = sorted(set(circuit) - set(names))
+        if missing:
+            raise TLNoiseValueError(f"circuit edges {missing[:5]} are not edges of this model")
+        return set(circuit)
+    if size is None:
+        return set(scores)
+    index = {n: i for i, n in enumerate(names)}
+    ranked = sorted(scores, key=lambda n: (-scores[n], index[n]))
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= len(ranked):
+        raise TLNoiseValueError(f"size={size!r}; expected an int in [0, {len(ranked)}]")
+    return set(ranked[:size])
+
+
+def _edge_payload(
+    scores: Mapping[str, float],
+    cfg: dict[str, Any],
+    nodes: list[str],
+    size: int | None,
+    circuit: Collection[str] | None,
+) -> dict[str, Any]:
+    """MIB JSON of an edge circuit: the top ``size`` scored edges, the edges in ``circuit``, or
+    every scored edge; a node is in the graph when an in-graph edge touches it, and its score is
+    the best score of the edges it writes or reads."""
+    names = [name for name, _ in graph_edges(cfg)]
+    unknown = sorted(set(scores) - set(names))
+    if unknown:
+        raise TLNoiseValueError(f"scores name {unknown[:5]}, which are not edges of this model "
+                                "(MIB names: 'a0.h1->a2.h0<q>', 'm0->logits', ...)")  # fmt: skip
+    kept = _kept_edges(scores, names, size, circuit)
+    node_score: dict[str, float] = {}
+    in_graph = set(ALWAYS_IN)
+    for name in names:
+        writer, reader = name.split("->")
+        reader = reader.split("<")[0]
+        if name in scores:
+            for node in (writer, reader):
+                node_score[node] = max(node_score.get(node, -math.inf), float(scores[name]))
+        if name in kept:
+            in_graph.update((writer, reader))
+    return {
+        "cfg": {k: v for k, v in cfg.items() if k != "attn_only"},
+        "nodes": {n: {"score": node_score.get(n, 0.0), "in_graph": n in in_graph} for n in nodes},
+        "edges": {n: {"score": float(scores.get(n, 0.0)), "in_graph": n in kept} for n in names},
     }
 
 
