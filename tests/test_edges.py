@@ -31,8 +31,8 @@ def native(**overrides):
 
 @pytest.fixture(scope="module")
 def hf_model(gpt2_checkpoint):
-    if TL_MAJOR < 4:
-        pytest.skip("TransformerBridge.boot_transformers is TransformerLens 4.x")
+    """A Hugging Face GPT-2 checkpoint loaded as users load one (4.x: a booted bridge; 3.x: a
+    HookedTransformer with its layer norms folded)."""
     return freeze(load_model(gpt2_checkpoint))
 
 
