@@ -198,7 +198,7 @@ class EdgeNoise(NoiseHooks):
                 self._clear()
             self._resid[layer] = x
             if layer == 0:
-                self._deltas.append(self.writer_mean[:1].to(x.dtype) - x.unsqueeze(0))
+                self._deltas.append(self._reference(0, 1, x) - x.unsqueeze(0))
 
         return hook
 
