@@ -47,6 +47,7 @@ MODELS = {
     "native RMS": lambda: native(normalization_type="RMS"),
     "native no norm": lambda: native(normalization_type=None),
     "attention only": lambda: native(attn_only=True),
+    "grouped key/value heads": lambda: native(n_key_value_heads=2),
 }
 
 
@@ -64,6 +65,23 @@ def with_ablated(graph: EdgeGraph, edges) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------- the graph
+def test_grouped_key_value_heads_read_once_per_group():
+    graph = EdgeGraph(2, 4, kv_heads=2)
+    assert graph.block_shapes()[attn_block(1)] == (8, 6)
+    assert graph.readers(attn_block(0))[4:] == ["a0.h0<k>", "a0.h2<k>", "a0.h0<v>", "a0.h2<v>"]
+    mib = {name for name, _ in graph_edges(mib_cfg({"n_layers": 2, "n_heads": 4, "d_model": 8}))}
+    assert set(graph.locate()) < mib  # a group's k/v edges carry its first head's name
+    model = native(n_key_value_heads=2)
+    means = node_means(model, TOKENS)
+    with tn.attach_edge_noise(model, calibration_tokens=TOKENS) as noise:
+        assert noise.graph == graph
+        out = [e for e in graph.locate() if e.startswith("a0.h3->")]
+        with noise.fixed(with_ablated(graph, out)):
+            edges = model(TOKENS)
+    reference = model.run_with_hooks(TOKENS, fwd_hooks=ablation_hooks(means, ["a0.h3"]))
+    torch.testing.assert_close(edges, reference, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("mlps", [True, False])
 def test_the_graph_is_mibs_edge_set(mlps):
     cfg = {"n_layers": 3, "n_heads": 2, "d_model": 8, "attn_only": not mlps}
@@ -285,7 +303,7 @@ def test_attribution_is_the_derivative_of_the_ablation():
 def test_edge_noise_refuses_what_it_cannot_rebuild():
     for overrides, setting in [
         (dict(positional_embedding_type="rotary"), "rotary"),
-        (dict(n_key_value_heads=2), "n_key_value_heads=2"),
+        (dict(parallel_attn_mlp=True), "parallel_attn_mlp=True"),
     ]:
         with pytest.raises(ValueError, match=setting):
             tn.attach_edge_noise(native(**overrides))

@@ -52,8 +52,9 @@ def attach_edge_noise(
         init_std, parameterization, seed: as for :func:`tl_noise.attach_noise` (Cloak
             ``(1e-4, 1)`` by default; ``(1e-4, 2)`` when additive).
 
-    Edge noise cannot rebuild parallel attention/MLP blocks, rotary or alibi attention, grouped
-    key/value heads or q/k normalisation: those raise a ValueError naming the setting. After
+    Edge noise cannot rebuild parallel attention/MLP blocks, rotary or alibi attention or q/k
+    normalisation: those raise a ValueError naming the setting. With grouped key/value heads the
+    ``<k>``/``<v>`` readers are one per group (:class:`~tl_noise.edges.EdgeGraph`). After
     attaching, the rebuilt q/k/v with every edge kept are checked against the model's own.
     """
     check_model(model)
@@ -61,7 +62,10 @@ def attach_edge_noise(
     form = check_form(form)
     if calibration_tokens is not None:
         check_tokens(model, calibration_tokens, "calibration_tokens")
-    graph = EdgeGraph(int(model.cfg.n_layers), int(model.cfg.n_heads), mlps=has_mlps(model))
+    cfg = model.cfg
+    kv = getattr(cfg, "n_key_value_heads", None)
+    graph = EdgeGraph(int(cfg.n_layers), int(cfg.n_heads), has_mlps(model),
+                      None if kv in (None, cfg.n_heads) else int(kv))  # fmt: skip
     layers = {
         block: NoiseLayer(
             shape,

@@ -44,11 +44,29 @@ def mlp_block(layer: int) -> str:
 @dataclass(frozen=True)
 class EdgeGraph:
     """The writers, readers and edges of a model with ``n_layers`` blocks of ``n_heads`` heads
-    (and an MLP per block when ``mlps``)."""
+    (and an MLP per block when ``mlps``).
+
+    With grouped-query attention (``kv_heads < n_heads``), the heads of a key/value group share
+    their k and v inputs: the ``<k>``/``<v>`` reader of group ``g`` is named by the group's first
+    query head, ``a{l}.h{g * n_heads // kv_heads}<k>``.
+    """
 
     n_layers: int
     n_heads: int
     mlps: bool = True
+    kv_heads: int | None = None  # None: one key/value head per query head
+
+    @property
+    def kv(self) -> int:
+        """Key/value readers per kind and layer."""
+        return self.n_heads if self.kv_heads is None else self.kv_heads
+
+    def qkv_rows(self, which: int) -> slice:
+        """The rows of a layer's attention block read by ``q`` (0), ``k`` (1) or ``v`` (2)."""
+        if which == 0:
+            return slice(0, self.n_heads)
+        start = self.n_heads + (which - 1) * self.kv
+        return slice(start, start + self.kv)
 
     @property
     def per_layer(self) -> int:
@@ -82,7 +100,7 @@ class EdgeGraph:
         shapes = {}
         for layer in range(self.n_layers):
             upstream = self.upstream_of_layer(layer)
-            shapes[attn_block(layer)] = (3 * self.n_heads, upstream)
+            shapes[attn_block(layer)] = (self.n_heads + 2 * self.kv, upstream)
             if self.mlps:
                 shapes[mlp_block(layer)] = (1, upstream + self.n_heads)
         shapes[LOGITS_BLOCK] = (1, len(self.writers))
@@ -99,7 +117,10 @@ class EdgeGraph:
         layer = int(block.split(".")[1])
         if block.endswith(".mlp.edges"):
             return [mlp_node(layer)]
-        return [f"{head_node(layer, h)}<{x}>" for x in QKV for h in range(self.n_heads)]
+        group = self.n_heads // self.kv
+        heads = {"q": range(self.n_heads), "k": range(0, self.n_heads, group)}
+        heads["v"] = heads["k"]
+        return [f"{head_node(layer, h)}<{x}>" for x in QKV for h in heads[x]]
 
     def edge_name(self, block: str, row: int, column: int) -> str:
         return f"{self.writers[column]}->{self.readers(block)[row]}"

@@ -56,7 +56,8 @@ class EdgeNoise(NoiseHooks):
     :func:`~tl_noise.edges.attach_edge_noise`.
 
     Its layers are :class:`~tl_noise.noise.NoiseLayer` objects holding one std per edge of a
-    reader group (``noise.layer("blocks.3.attn.edges").std()``: ``[3 n_heads, writers]``), so
+    reader group (``noise.layer("blocks.3.attn.edges").std()``: ``[3 n_heads, writers]``, or
+    ``[n_heads + 2 kv_heads, writers]`` with grouped key/value heads), so
     the parameterizations, the optimiser groups, saving and :func:`tl_noise.fit` work as for
     node noise. ``writer_mean``/``writer_scale`` ``[n_writers, d_model]``: each writer's
     calibrated mean contribution and per-dimension std.
@@ -203,8 +204,7 @@ class EdgeNoise(NoiseHooks):
         return hook
 
     def _qkv_hook(self, layer: int, which: int) -> Callable:
-        heads = int(self.graph.n_heads)
-        rows = slice(which * heads, (which + 1) * heads)
+        rows = self.graph.qkv_rows(which)
         block = attn_block(layer)
 
         def hook(x: Tensor, hook: Any) -> Tensor | None:
@@ -386,7 +386,7 @@ class EdgeNoise(NoiseHooks):
         graph = self.graph
         out.update(kind=self.kind, form=self.form,
                    graph={"n_layers": graph.n_layers, "n_heads": graph.n_heads,
-                          "mlps": graph.mlps})  # fmt: skip
+                          "mlps": graph.mlps, "kv_heads": graph.kv_heads})  # fmt: skip
         return out
 
     @classmethod
@@ -396,8 +396,13 @@ class EdgeNoise(NoiseHooks):
         if not isinstance(graph_config, dict) or not isinstance(config.get("hooks"), dict):
             raise TLNoiseValueError("malformed tl-noise edge noise config: no graph or hooks")
         try:
-            graph = EdgeGraph(int(graph_config["n_layers"]), int(graph_config["n_heads"]),
-                              bool(graph_config["mlps"]))  # fmt: skip
+            kv = graph_config.get("kv_heads")
+            graph = EdgeGraph(
+                int(graph_config["n_layers"]),
+                int(graph_config["n_heads"]),
+                bool(graph_config["mlps"]),
+                None if kv is None else int(kv),
+            )
         except (KeyError, TypeError, ValueError) as err:
             raise TLNoiseValueError(f"malformed tl-noise edge noise config: graph {err!r}") from err
         cfg = model.cfg

@@ -36,8 +36,8 @@ def check_edge_model(model: Any) -> None:
     if pos not in (None, "standard", "shortformer"):
         problems.append(f"positional_embedding_type={pos!r} (rotary/alibi act inside attention)")
     kv = _get(cfg, "n_key_value_heads")
-    if kv not in (None, cfg.n_heads):
-        problems.append(f"grouped-query attention (n_key_value_heads={kv})")
+    if kv is not None and (kv <= 0 or cfg.n_heads % kv):
+        problems.append(f"n_key_value_heads={kv} does not divide n_heads={cfg.n_heads}")
     for key in ("use_qk_norm", "use_normalization_before_and_after", "post_embedding_ln"):
         if _get(cfg, key):
             problems.append(f"{key}=True")
@@ -45,8 +45,7 @@ def check_edge_model(model: Any) -> None:
         raise TLNoiseValueError(
             "edge noise cannot rebuild the readers of this model: "
             + "; ".join(problems)
-            + " (supported: sequential blocks with learned or no positional embeddings and one "
-            "key/value head per query head)"
+            + " (supported: sequential blocks with learned or no positional embeddings)"
         )
 
 
@@ -88,34 +87,44 @@ def block_norm(model: Any, module: Any) -> Norm:
     return Norm(kind_or_none, w, b, float(_get(model.cfg, "eps", 1e-5)))
 
 
+def _kv_groups(weight: Tensor, kv: int) -> Tensor:
+    """``[n_layers, kv, ...]`` of a key/value weight given per key/value head or (TransformerLens
+    3.x's ``W_K`` property) repeated for every query head of its group."""
+    heads = weight.shape[1]
+    return weight if heads == kv else weight[:, :: heads // kv]
+
+
 @dataclass
 class ReaderWeights:
-    """Per layer: ``ln1``, the stacked ``W_Q, W_K, W_V`` ``[3, n_heads, d_model, d_head]`` and
-    ``b_Q, b_K, b_V`` ``[3, n_heads, d_head]``, and ``W_O`` ``[n_heads, d_head, d_model]``."""
+    """Per layer: ``ln1``; ``W_Q, W_K, W_V`` (``[heads, d_model, d_head]``, ``heads`` the query
+    heads for Q and the key/value heads for K and V) and ``b_Q, b_K, b_V`` (``[heads, d_head]``);
+    ``W_O`` ``[n_heads, d_head, d_model]``."""
 
     ln1: list[Norm]
-    w_qkv: list[Tensor]
-    b_qkv: list[Tensor]
+    w_qkv: list[list[Tensor]]
+    b_qkv: list[list[Tensor]]
     w_o: list[Tensor]
 
     @classmethod
     def of(cls, model: Any) -> ReaderWeights:
+        kv = int(_get(model.cfg, "n_key_value_heads") or model.cfg.n_heads)
         with torch.no_grad():
-            w = [model.W_Q.detach(), model.W_K.detach(), model.W_V.detach()]
-            b = [model.b_Q.detach(), model.b_K.detach(), model.b_V.detach()]
+            w = [model.W_Q.detach()] + [_kv_groups(x.detach(), kv) for x in (model.W_K, model.W_V)]
+            b = [model.b_Q.detach()] + [_kv_groups(x.detach(), kv) for x in (model.b_K, model.b_V)]
             w_o = model.W_O.detach()
         n_layers = int(model.cfg.n_layers)
         return cls(
             ln1=[block_norm(model, model.blocks[layer].ln1) for layer in range(n_layers)],
-            w_qkv=[torch.stack([x[layer] for x in w]) for layer in range(n_layers)],
-            b_qkv=[torch.stack([x[layer] for x in b]) for layer in range(n_layers)],
+            w_qkv=[[x[layer] for x in w] for layer in range(n_layers)],
+            b_qkv=[[x[layer] for x in b] for layer in range(n_layers)],
             w_o=[w_o[layer] for layer in range(n_layers)],
         )
 
     def project(
-        self, layer: int, which: int, x: Float[Tensor, "batch pos n_heads d_model"]
-    ) -> Float[Tensor, "batch pos n_heads d_head"]:
-        """``LN1(x_h) W[h] + b[h]`` for every head ``h`` (``which``: 0 q, 1 k, 2 v)."""
+        self, layer: int, which: int, x: Float[Tensor, "batch pos heads d_model"]
+    ) -> Float[Tensor, "batch pos heads d_head"]:
+        """``LN1(x_h) W[h] + b[h]`` for every (query or key/value) head ``h`` (``which``: 0 q,
+        1 k, 2 v)."""
         w, b = self.w_qkv[layer][which], self.b_qkv[layer][which]
         normed = self.ln1[layer](x)
         return torch.einsum("bphd,hde->bphe", normed.to(w.dtype), w) + b
