@@ -179,6 +179,39 @@ ATTACH_CASES = {
         TypeError,
         "got Linear",
     ),
+    "seed-is-a-string": (
+        lambda m, t: attach(m, t, seed="a"),
+        TypeError,
+        "seed='a'; expected an int or None",
+    ),
+}
+
+# attach_edge_noise: the same settings, the same errors, and nothing left on the model
+EDGE_CASES = {
+    "form-unknown": (dict(form="zero"), ValueError, "form='zero'; accepted: additive"),
+    "init-std-negative": (dict(init_std=-1.0), ValueError, "init_std=-1.0 at blocks.0.attn.edges"),
+    "init-std-above-one": (dict(init_std=2.0), ValueError, r"init_std=2.0 .* \[0.0001, 1\]"),
+    "parameterization-above-one": (
+        dict(parameterization=cloak(scale=(1e-4, 2.0))),
+        ValueError,
+        "form='replacement' .* needs sigma <= 1",
+    ),
+    "parameterization-is-a-string": (
+        dict(parameterization="cloak"),
+        TypeError,
+        "parameterization='cloak'",
+    ),
+    "seed-is-a-float": (dict(seed=1.5), TypeError, "seed=1.5"),
+    "calibration-tokens-float": (
+        dict(calibration_tokens=torch.zeros(2, 3)),
+        TypeError,
+        "calibration_tokens .*dtype torch.float32",
+    ),
+    "calibration-tokens-out-of-range": (
+        dict(calibration_tokens=torch.full((2, 3), 99)),
+        ValueError,
+        r"calibration_tokens must lie in \[0, 49\]",
+    ),
 }
 
 
@@ -187,6 +220,14 @@ def test_attach_noise_rejects(case, tiny_model, data, intact):
     call, exc, match = ATTACH_CASES[case]
     with pytest.raises(exc, match=match):
         call(tiny_model, data[0])
+
+
+@pytest.mark.parametrize("case", list(EDGE_CASES))
+def test_attach_edge_noise_rejects(case, tiny_model, intact):
+    kwargs, exc, match = EDGE_CASES[case]
+    with pytest.raises(exc, match=match):
+        tn.attach_edge_noise(tiny_model, **kwargs)
+    assert not any(point.fwd_hooks for point in tiny_model.hook_dict.values())
 
 
 def test_attach_noise_rejects_a_huggingface_model(tiny_model, data, intact):

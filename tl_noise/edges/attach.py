@@ -23,9 +23,10 @@ from tl_noise.edges.noise import EdgeNoise
 from tl_noise.edges.weights import check_edge_model
 from tl_noise.errors import TLNoiseTypeError
 from tl_noise.hooks.ablation import has_mlps
+from tl_noise.hooks.attach import check_parameterization
 from tl_noise.hooks.calibration import default_probe_tokens
 from tl_noise.hooks.noise_hooks import NoiseHooks
-from tl_noise.hooks.selection import check_model, check_tokens
+from tl_noise.hooks.selection import check_model, check_seed, check_tokens
 from tl_noise.noise.forms import check_form
 from tl_noise.noise.layer import NoiseLayer
 from tl_noise.noise.parameterizations import StandardDeviationParameterization
@@ -59,6 +60,8 @@ def attach_edge_noise(
     """
     check_model(model)
     check_edge_model(model)
+    check_parameterization(parameterization)
+    check_seed(seed)
     form = check_form(form)
     if calibration_tokens is not None:
         check_tokens(model, calibration_tokens, "calibration_tokens")

@@ -37,6 +37,7 @@ from tl_noise.hooks.selection import (
     UNSUPPORTED_HOOKS,
     HookSpec,
     check_model,
+    check_seed,
     check_tokens,
     resolve_hook_names,
 )
@@ -94,7 +95,8 @@ def attach_noise(
     Shapes are checked now, with a probe forward pass, not at the first training step.
     """
     check_model(model)
-    _check_parameterization(parameterization)
+    check_parameterization(parameterization)
+    check_seed(seed)
     names = resolve_hook_names(model, hooks)
     source = "data" if calibration_tokens is not None else "random"
     if calibration_tokens is None:
@@ -133,7 +135,8 @@ def attach_noise(
     return noise.attach()
 
 
-def _check_parameterization(parameterization: object) -> None:
+def check_parameterization(parameterization: object) -> None:
+    """TypeError unless ``parameterization`` is a std parameterization or None."""
     if parameterization is not None and not isinstance(
         parameterization, StandardDeviationParameterization
     ):

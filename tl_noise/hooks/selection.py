@@ -28,6 +28,12 @@ def check_model(model: Any) -> None:
         )
 
 
+def check_seed(seed: Any) -> None:
+    """TypeError unless ``seed`` is an int or None (the noise's seed)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed={seed!r}; expected an int or None (torch's global RNG)")
+
+
 def check_tokens(model: Any, tokens: Any, what: str = "tokens") -> None:
     """TypeError/ValueError naming the problem unless ``tokens`` is a non-empty ``[n, pos]``
     int64/int32 tensor of ids in ``[0, d_vocab)`` on a real device."""
