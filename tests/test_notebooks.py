@@ -58,7 +58,9 @@ def run_dirs(workdir: Path) -> list[Path]:
     return sorted(p.parent for p in (workdir / "runs").glob("*/config.json"))
 
 
-@pytest.mark.parametrize("name", ["01_quickstart.ipynb", "02_pretrained_gpt2_ioi.ipynb"])
+@pytest.mark.parametrize(
+    "name", ["01_quickstart.ipynb", "02_pretrained_gpt2_ioi.ipynb", "03_edge_circuits.ipynb"]
+)
 def test_notebooks_are_stored_without_outputs(name):
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     nbformat.validate(nb)
@@ -93,4 +95,17 @@ def test_gpt2_ioi_notebook_runs_on_a_local_checkpoint(
     (run,) = run_dirs(tmp_path)
     config = json.loads((run / "config.json").read_text())
     assert config["task"]["name"] == "ioi" and config["fit"]["steps"] == 6
+    assert json.loads((run / "status.json").read_text())["state"] == "completed"
+
+
+def test_edge_circuits_notebook_runs(tmp_path, kernel_dir, monkeypatch):
+    params = 'STEPS = 8\nN_EXAMPLES = 32\nTARGET = 0.9\nRUNS_DIR = "runs"'
+    nb = execute("03_edge_circuits.ipynb", params, tmp_path, kernel_dir, monkeypatch)
+    assert len(outputs(nb, PLOTLY)) == 1  # the faithfulness curves
+    html = " ".join(o["data"]["text/html"] for o in outputs(nb, "text/html"))
+    assert "edge attribution patching" in html
+    assert "input-&gt;" in html or "input->" in html  # the top edges table
+    (run,) = run_dirs(tmp_path)
+    circuit = json.loads((run / "circuit.json").read_text())
+    assert any(e["in_graph"] for e in circuit["edges"].values())
     assert json.loads((run / "status.json").read_text())["state"] == "completed"
