@@ -30,7 +30,8 @@ venv-tl3:
 browser:
 	@bash scripts/install_browser.sh
 
-# docs/dashboard.png, taken by the browser test (which otherwise writes a temporary copy)
+# docs/dashboard.png and docs/circuit_graph.png, taken by the browser test (which otherwise writes
+# temporary copies)
 screenshot: venv browser
 	TL_NOISE_UPDATE_SCREENSHOT=1 .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_browser.py
 

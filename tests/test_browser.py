@@ -1,6 +1,8 @@
 """The dashboard in a real browser: ``streamlit run`` on a free localhost port, driven by
-Debian's headless Chromium through Playwright; takes a screenshot into the test's temporary
-folder, or over ``docs/dashboard.png`` with ``TL_NOISE_UPDATE_SCREENSHOT=1`` (to update it).
+Debian's headless Chromium through Playwright. Two pages: a node-level run's views, and an edge
+run's circuit graph (its size slider moved by keyboard, an edge's hover text read). Each takes a
+screenshot into the test's temporary folder, or over ``docs/dashboard.png`` and
+``docs/circuit_graph.png`` with ``TL_NOISE_UPDATE_SCREENSHOT=1`` (``make screenshot``).
 
 Needs ``/usr/bin/chromium``: ``bash scripts/install_browser.sh`` installs it (apt).
 """
@@ -21,7 +23,7 @@ from tl_noise.cli.app import launch
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
-DOCS_SCREENSHOT = REPO / "docs" / "dashboard.png"
+DOCS = REPO / "docs"
 UPDATE_SCREENSHOT = "TL_NOISE_UPDATE_SCREENSHOT"
 CHROMIUM = "/usr/bin/chromium"
 INSTALL = (
@@ -82,10 +84,10 @@ def dashboard_server(root: Path):
             proc.wait(timeout=15)
 
 
-def screenshot_path(tmp_path: Path) -> Path:
-    """docs/dashboard.png when ``TL_NOISE_UPDATE_SCREENSHOT=1``, else a temporary file."""
+def screenshot_path(tmp_path: Path, name: str = "dashboard.png") -> Path:
+    """docs/``name`` when ``TL_NOISE_UPDATE_SCREENSHOT=1``, else a temporary file."""
     update = os.environ.get(UPDATE_SCREENSHOT) == "1"
-    return DOCS_SCREENSHOT if update else tmp_path / "dashboard.png"
+    return DOCS / name if update else tmp_path / name
 
 
 def test_dashboard_renders_in_headless_chromium(runs_root, tmp_path):
@@ -126,6 +128,85 @@ def test_dashboard_renders_in_headless_chromium(runs_root, tmp_path):
             page.wait_for_timeout(500)  # let plotly finish its transition before the picture
             screenshot.parent.mkdir(exist_ok=True)
             page.screenshot(path=str(screenshot))
+        finally:
+            browser.close()
+    assert screenshot.stat().st_size > 10_000
+    assert not problems, f"browser console errors: {problems}"
+
+
+@pytest.fixture(scope="module")
+def edge_root(tmp_path_factory) -> Path:
+    """An edge run on the ``backup`` benchmark (40 steps, the curve measured at its end)."""
+    import tl_noise as tn
+    from tl_noise.zoo import load_benchmark
+
+    root = tmp_path_factory.mktemp("browser-edge-runs")
+    bench = load_benchmark("backup")
+    task = bench.task(64, seed=0)
+    with tn.attach_edge_noise(bench.model, calibration_tokens=task.tokens) as noise:
+        tn.fit(bench.model, noise, task, steps=40, quiet=True, run_dir=root / "edges")
+    return root
+
+
+def test_circuit_graph_renders_for_an_edge_run(edge_root, tmp_path):
+    from tl_noise.edges.circuit import rank_edges
+    from tl_noise.runs import Run
+
+    screenshot = screenshot_path(tmp_path, "circuit_graph.png")
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"Chromium is not installed at {CHROMIUM}; install it with: {INSTALL}")
+    from playwright.sync_api import expect, sync_playwright
+
+    run = Run(edge_root / "edges")
+    scores = run.edge_scores()
+    ranked = rank_edges(scores, list(scores))
+    curve = run.edge_curve()
+    sizes, values = curve["k"], curve["faithfulness"]
+    start = next((k for k, f in zip(sizes, values, strict=True) if f >= 0.8), sizes[-1])
+    smaller = sizes[sizes.index(start) - 1]  # one step left of the slider's start
+    problems: list[str] = []
+    with dashboard_server(edge_root) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1500})
+            page.on("console", lambda m: m.type == "error" and problems.append(m.text))
+            page.on("pageerror", lambda err: problems.append(str(err)))
+            page.goto(f"{url}/?run=edges", wait_until="domcontentloaded")
+            page.wait_for_selector(".js-plotly-plot .main-svg", timeout=90_000)
+
+            tabs = page.get_by_role("tab")
+            expect(tabs).to_have_text(["Circuit graph", "Losses", "Per-head views"])
+            title = f"Circuit graph: top {start} of {len(scores)} edges (the fitted noise)"
+            chart = page.locator(".js-plotly-plot").filter(has_text=title)
+            expect(chart).to_have_count(1)
+            expect(page.get_by_text("Cannot show")).to_have_count(0)
+
+            page.get_by_role("slider").nth(1).press("ArrowLeft")  # the circuit size slider
+            title = f"Circuit graph: top {smaller} of {len(scores)} edges (the fitted noise)"
+            chart = page.locator(".js-plotly-plot").filter(has_text=title)
+            expect(chart).to_have_count(1, timeout=30_000)
+            measured = values[sizes.index(smaller)]
+            metric = page.get_by_test_id("stMetric").filter(has_text="Measured faithfulness")
+            expect(metric).to_contain_text(f"{measured:.4g}")
+            expect(chart.locator(".scatterlayer .trace")).not_to_have_count(0)
+
+            hover = chart.locator(".scatterlayer .trace").filter(has=page.locator(".point"))
+            first = hover.first.locator(".point").first  # the top edge's midpoint marker
+            first.hover(force=True)
+            label = chart.locator(".hoverlayer")
+            expect(label).to_contain_text(ranked[0])
+            expect(label).to_contain_text(f"{scores[ranked[0]]:.6g}")
+            expect(label).to_contain_text(f"rank 1 of {len(scores)}")
+            page.mouse.move(5, 5)  # no hover label in the picture
+
+            page.wait_for_timeout(500)  # let plotly finish its transition before the picture
+            box = page.get_by_test_id("stTabs").bounding_box()
+            bottom = chart.bounding_box()
+            assert box is not None and bottom is not None
+            screenshot.parent.mkdir(exist_ok=True)
+            clip = {"x": box["x"], "y": box["y"], "width": box["width"],
+                    "height": bottom["y"] + bottom["height"] - box["y"]}  # fmt: skip
+            page.screenshot(path=str(screenshot), clip=clip, full_page=True)
         finally:
             browser.close()
     assert screenshot.stat().st_size > 10_000

@@ -235,6 +235,7 @@ def test_dashboard_shows_every_view_of_a_completed_run(runs_root, monkeypatch):
         "Projected gradients per head",
         "Loss curves",
         "Ranked head importance",
+        "Circuit graph",
         "Compare two runs",
     ]
     assert "completed" in at.success[0].value and at.selectbox(key="run").value == "induction"
@@ -261,6 +262,12 @@ def test_dashboard_shows_every_view_of_a_completed_run(runs_root, monkeypatch):
         "Faithfulness of the top-k heads",
         "Head L0H0: gradients and their projection",
     } <= set(figures)
+    graph = figures[f"Circuit graph: node importance ({std.numel()} nodes scored)"]
+    nodes = next(t for t in graph["data"] if t["name"] == "nodes")  # heads only: attention-only
+    assert {row[0] for row in nodes["customdata"]} == {
+        f"a{i}.h{j}" for i in (0, 1) for j in range(4)
+    }
+    assert not [t for t in graph["data"] if t["mode"] == "lines"]
     table = at.dataframe[0].value
     assert len(table) == std.numel() and table["rank"].tolist()[:3] == [1, 2, 3]
     assert at.get("download_button")

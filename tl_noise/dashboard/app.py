@@ -19,7 +19,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from tl_noise.dashboard import compare, safe, views
+from tl_noise.dashboard import circuit, compare, safe, views
 from tl_noise.runs import CONFIG, Run, list_runs
 
 ENV_ROOT = "TL_NOISE_RUNS"
@@ -116,8 +116,23 @@ def body(
     if not steps:
         st.info(no_record_yet(status["state"]))
         return
-    step = step_slider(run.full_steps() or steps)
-    tabs = st.tabs(["Stds per head", "Other hooks", "Gradients", "Losses", "Ranking", "Compare"])
+    offered = run.full_steps() or steps
+    step = step_slider(offered)
+    latest = step == offered[-1]
+    if run.is_edge_run():  # one std per edge: the graph, no per-head views
+        circuit.edge_run_tabs(run, step, latest, truth)
+        return
+    tabs = st.tabs(
+        [
+            "Stds per head",
+            "Other hooks",
+            "Gradients",
+            "Losses",
+            "Ranking",
+            "Circuit graph",
+            "Compare",
+        ]
+    )
     with tabs[0]:
         views.head_stds(run, step, truth, fixed)
     with tabs[1]:
@@ -129,6 +144,8 @@ def body(
     with tabs[4]:
         views.ranking(run, truth)
     with tabs[5]:
+        circuit.circuit_graph(run, step, latest, truth)
+    with tabs[6]:
         compare.compare(run, others, open_run, key_prefix=label)
 
 

@@ -32,14 +32,15 @@ def _rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
 def comparable(
     run: Run, others: dict[str, Path], open_run: Callable[[str], Run]
 ) -> tuple[int | None, dict[str, str]]:
-    """``(index, skipped)``: the index of the first other run with the same heads and a history
-    (the default run B, None if there is none), and ``{label: why}`` of the runs on the way that
-    could not be read."""
+    """``(index, skipped)``: the index of the first other run with the same heads, per-head
+    noise (not an edge run) and a history (the default run B, None if there is none), and
+    ``{label: why}`` of the runs on the way that could not be read."""
     skipped: dict[str, str] = {}
     for i, (label, path) in enumerate(others.items()):
         try:
             other = open_run(str(path))
-            if (other.n_layers, other.n_heads) == (run.n_layers, run.n_heads) and other.steps():
+            same = (other.n_layers, other.n_heads) == (run.n_layers, run.n_heads)
+            if same and not other.is_edge_run() and other.steps():
                 return i, skipped
         except DATA_ERRORS as err:
             skipped[label] = str(err)
@@ -82,6 +83,9 @@ def compare(
             f"Runs have different shapes: A has {run.n_layers}x{run.n_heads} heads, "
             f"B ({label}) has {other.n_layers}x{other.n_heads}."
         )
+        return
+    if other.is_edge_run():
+        safe.info(f"Run B ({label}) is an edge-level run: it has no per-head stds to compare.")
         return
     with section("the comparison"):
         _comparison(run, other, label)
