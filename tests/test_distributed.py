@@ -15,14 +15,15 @@ pytestmark = pytest.mark.slow
 HELPER = Path(__file__).parent / "helpers" / "dist_fit.py"
 
 
-def test_two_ranks_match_each_other_and_one_process(tmp_path):
+@pytest.mark.parametrize("kind", ["nodes", "edges"])
+def test_two_ranks_match_each_other_and_one_process(tmp_path, kind):
     sys.path.insert(0, str(HELPER.parent))
     try:
         import dist_fit
     finally:
         sys.path.pop(0)
     torchrun = Path(sys.executable).parent / "torchrun"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TL_NOISE_DIST_KIND": kind}
     proc = subprocess.run(
         [
             str(torchrun),
@@ -42,7 +43,7 @@ def test_two_ranks_match_each_other_and_one_process(tmp_path):
     assert r0.keys() == r1.keys()
     for key in r0:
         assert torch.equal(r0[key], r1[key]), key  # identical parameters on every rank
-    single = dist_fit.run()
+    single = dist_fit.run(kind=kind)
     for key in r0:
         torch.testing.assert_close(r0[key], single[key], rtol=1e-5, atol=1e-6)
     # rank 0 alone wrote the run directory, and it is complete

@@ -4,6 +4,7 @@ Each rank fits the same noise on the same data; rank r writes its final noise pa
 OUT/rank{r}.safetensors. The run directory (if given) is written by rank 0 alone.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -24,13 +25,19 @@ def data():
     return tiny_data(mask_from=4)
 
 
-def run(run_dir=None, quiet=True):
+def run(run_dir=None, quiet=True, kind=None):
+    """``kind``: "nodes" (noise on every hook_z) or "edges" (default: $TL_NOISE_DIST_KIND)."""
     torch.set_num_threads(1)
     model = tn.build_native_model(CONFIG)
     for p in model.parameters():
         p.requires_grad_(False)
     tokens, mask = data()
-    with tn.attach_noise(model, HOOKS, calibration_tokens=tokens) as noise:
+    kind = kind or os.environ.get("TL_NOISE_DIST_KIND", "nodes")
+    if kind == "edges":
+        attached = tn.attach_edge_noise(model, calibration_tokens=tokens)
+    else:
+        attached = tn.attach_noise(model, HOOKS, calibration_tokens=tokens)
+    with attached as noise:
         fit(
             model,
             noise,

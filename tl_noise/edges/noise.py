@@ -179,11 +179,13 @@ class EdgeNoise(NoiseHooks):
         if sampling:
             scale = self.writer_scale[:n_writers].to(like.dtype)
             std = (sigma.square() @ scale.square()).clamp_min(1e-30).sqrt()  # [readers, d_model]
+            # a data-parallel rank draws the whole global batch's noise and keeps its rows
+            offset, total = self.layer(block).batch_shard or (0, batch)
             eps = torch.randn(
-                out.shape, generator=self.generator(like.device), device=like.device,
-                dtype=like.dtype,
-            )  # fmt: skip
-            out = out + std * eps
+                (total, *out.shape[1:]), generator=self.generator(like.device),
+                device=like.device, dtype=torch.float32,
+            )[offset : offset + batch]  # fmt: skip
+            out = out + std * eps.to(like.dtype)
         return out
 
     def _reference(self, first: int, n: int, like: Tensor) -> Tensor:
