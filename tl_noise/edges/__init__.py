@@ -3,6 +3,7 @@
 * :mod:`~tl_noise.edges.graph`: writers, readers and MIB's edge names (:class:`EdgeGraph`);
 * :mod:`~tl_noise.edges.weights`: the projections and layer norms a rebuilt q/k/v needs;
 * :mod:`~tl_noise.edges.noise`: :class:`EdgeNoise`, the hooks that rebuild every reader;
+* :mod:`~tl_noise.edges.store`: the writers of one forward pass and the contraction with them;
 * :mod:`~tl_noise.edges.attach`: :func:`attach_edge_noise`, :func:`edge_importance`;
 * :mod:`~tl_noise.edges.circuit`: edge circuits judged with the rest ablated
   (:class:`EdgeCircuitEvaluator`, edge attribution patching) and :func:`extract_circuit`.

@@ -17,13 +17,15 @@ never varies has ``s_w = 0`` and ``mu_w = c_w``, so its edges carry no noise. Co
 (``b_O``, the layer norms' biases) carry no information and are never noised; an MLP's output
 bias is part of its (constant) mean.
 
-The rebuild is layer by layer: writers' ``mu_w - c_w`` are kept as they are produced (one
-``[n_writers, batch, pos, d_model]`` tensor per block), and each reader group contracts its stds
-with them (one matrix product per writer block). A head's rebuilt input goes through ``ln1`` and
-its own ``W_Q``/``W_K``/``W_V`` (:mod:`tl_noise.edges.weights`), replacing the model's
-``hook_q``/``hook_k``/``hook_v``; an MLP's replaces ``hook_mlp_in`` (before ``ln2``, as
-TransformerLens puts it; ``use_hook_mlp_in`` is switched on while attached) and the logits' the
-last block's ``hook_resid_post``. Nothing else in the residual stream changes.
+The rebuild is layer by layer: writers' ``mu_w - c_w`` are stored as they are produced, in one
+``[writers, batch * pos * d_model]`` matrix per forward (:mod:`tl_noise.edges.store`), and each
+reader group contracts its stds with its prefix (one matrix product per group: a layer's q, k
+and v readers together, at the first of the three hooks). A head's rebuilt input goes through
+``ln1`` and its own ``W_Q``/``W_K``/``W_V`` (:mod:`tl_noise.edges.weights`, one batched product
+for the layer's q, k and v), replacing the model's ``hook_q``/``hook_k``/``hook_v``; an MLP's
+replaces ``hook_mlp_in`` (before ``ln2``, as TransformerLens puts it; ``use_hook_mlp_in`` is
+switched on while attached) and the logits' the last block's ``hook_resid_post``. Nothing else
+in the residual stream changes.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from torch import Tensor
 
 from tl_noise.devices import model_device
 from tl_noise.edges.graph import LOGITS_BLOCK, EdgeGraph, attn_block, mlp_block
+from tl_noise.edges.store import WriterStore
 from tl_noise.edges.weights import ReaderWeights, check_edge_model
 from tl_noise.errors import TLNoiseValueError
 from tl_noise.hooks.calibration import add_permanent_hook, default_probe_tokens, remove_hook
@@ -83,7 +86,8 @@ class EdgeNoise(NoiseHooks):
         self.register_buffer("writer_scale", torch.zeros(len(graph.writers), d_model))
         self._weights: ReaderWeights | None = None
         self._resid: dict[int, Tensor] = {}
-        self._deltas: list[Tensor] = []  # [writers of a block, batch, pos, d_model], in order
+        self._store: WriterStore | None = None  # the writers' mu_w - c_w of this forward
+        self._qkv: dict[int, list[Tensor]] = {}  # layer -> its rebuilt q, k, v
         self._fixed: dict[str, Tensor] | None = None  # block -> sigma, no draws (ablations)
         self._check: list[float] | None = None  # relative rebuild errors, while checking
         self._keep = False  # keep the writers' contributions after the forward (calibration)
@@ -144,7 +148,9 @@ class EdgeNoise(NoiseHooks):
         self._clear()
 
     def _clear(self) -> None:
-        self._resid, self._deltas = {}, []
+        if self._store is not None:
+            self._store.release()
+        self._resid, self._store, self._qkv = {}, None, {}
 
     # --------------------------------------------------------------- rebuild
     def _active(self, block: str) -> bool:
@@ -160,33 +166,31 @@ class EdgeNoise(NoiseHooks):
     ) -> Float[Tensor, "batch pos readers d_model"]:
         """``x~_r - x`` of the readers ``rows`` of ``block`` (see the module doc)."""
         sigma = self._sigma(block)[rows].to(like.dtype)
-        n_writers = sigma.shape[1]
-        batch, pos = like.shape[0], like.shape[1]
-        out = like.new_zeros(batch, pos, sigma.shape[0], like.shape[-1])
-        sampling = self._fixed is None and self.layer(block).mode == "sample"
-        if self.form == "replacement" or self._fixed is not None:
-            start = 0
-            for deltas in self._deltas:
-                stop = min(start + deltas.shape[0], n_writers)
-                if stop <= start:
-                    break
-                part = sigma[:, start:stop]
-                flat = deltas[: stop - start].reshape(stop - start, -1)
-                out = out + (part @ flat).reshape(-1, batch, pos, like.shape[-1]).permute(
-                    1, 2, 0, 3
-                )
-                start = stop
-        if sampling:
-            scale = self.writer_scale[:n_writers].to(like.dtype)
+        return (self._rebuilt(block, sigma, like, [sigma.shape[0]]) - like).permute(1, 2, 0, 3)
+
+    def _rebuilt(
+        self, block: str, sigma: Tensor, x: Tensor, draws: list[int]
+    ) -> Float[Tensor, "readers batch pos d_model"]:
+        """``x~_r`` of the readers of ``sigma`` (rows of ``block``) reading ``x``; the noise is
+        drawn in chunks of ``draws`` rows, ``[batch, pos, rows, d_model]`` each."""
+        readers, n_writers = sigma.shape
+        contract = self.form == "replacement" or self._fixed is not None
+        base, owned = x.unsqueeze(0), False
+        if self._fixed is None and self.layer(block).mode == "sample":
+            scale = self.writer_scale[:n_writers].to(x.dtype)
             std = (sigma.square() @ scale.square()).clamp_min(1e-30).sqrt()  # [readers, d_model]
             # a data-parallel rank draws the whole global batch's noise and keeps its rows
+            batch = x.shape[0]
             offset, total = self.layer(block).batch_shard or (0, batch)
-            eps = torch.randn(
-                (total, *out.shape[1:]), generator=self.generator(like.device),
-                device=like.device, dtype=torch.float32,
-            )[offset : offset + batch]  # fmt: skip
-            out = out + std * eps.to(like.dtype)
-        return out
+            eps = torch.cat([torch.randn(
+                (total, x.shape[1], n, x.shape[-1]), generator=self.generator(x.device),
+                device=x.device, dtype=torch.float32,
+            )[offset : offset + batch].permute(2, 0, 1, 3) for n in draws])  # fmt: skip
+            base, owned = torch.addcmul(x, std[:, None, None, :], eps.to(x.dtype)), True
+        if contract:
+            assert self._store is not None
+            return self._store.contract(sigma, base, owned)
+        return base.expand(readers, *x.shape)
 
     def _reference(self, first: int, n: int, like: Tensor) -> Tensor:
         """What writers ``first .. first + n`` are replaced by: their means ``[n, 1, 1, d]``, or
@@ -199,23 +203,26 @@ class EdgeNoise(NoiseHooks):
         def hook(x: Tensor, hook: Any) -> None:
             if layer == 0:
                 self._clear()
+                self._store = WriterStore(len(self.graph.writers), x)
+                self._store.write(self._reference(0, 1, x), x.unsqueeze(0))
             self._resid[layer] = x
-            if layer == 0:
-                self._deltas.append(self._reference(0, 1, x) - x.unsqueeze(0))
 
         return hook
 
     def _qkv_hook(self, layer: int, which: int) -> Callable:
-        rows = self.graph.qkv_rows(which)
         block = attn_block(layer)
+        draws = [r.stop - r.start for r in map(self.graph.qkv_rows, range(3))]
 
         def hook(x: Tensor, hook: Any) -> Tensor | None:
             if not self._active(block):
                 return None
             assert self._weights is not None
-            resid = self._resid[layer]
-            rebuilt = resid.unsqueeze(2) + self.delta(block, rows, resid)  # [b, p, heads, d]
-            out = self._weights.project(layer, which, rebuilt).to(x.dtype)
+            if layer not in self._qkv:  # the layer's first of q, k, v: rebuild all three
+                resid = self._resid[layer]
+                sigma = self._sigma(block).to(resid.dtype)
+                rebuilt = self._rebuilt(block, sigma, resid, draws)  # [readers, b, p, d]
+                self._qkv[layer] = self._weights.project_all(layer, rebuilt, draws)
+            out = self._qkv[layer][which].to(x.dtype)
             if self._check is not None:
                 scale = x.abs().max().clamp_min(1e-12)
                 self._check.append(float((out - x).abs().max() / scale))
@@ -227,34 +234,38 @@ class EdgeNoise(NoiseHooks):
         first = self.graph.upstream_of_layer(layer)
 
         def hook(z: Tensor, hook: Any) -> None:
-            assert self._weights is not None
+            assert self._weights is not None and self._store is not None
             heads = self._weights.head_outputs(layer, z)  # [heads, b, p, d]
-            self._deltas.append(self._reference(first, heads.shape[0], heads) - heads)
+            self._store.write(self._reference(first, heads.shape[0], heads), heads)
 
         return hook
 
-    def _mlp_in_hook(self, layer: int) -> Callable:
-        block = mlp_block(layer)
-
-        def hook(x: Tensor, hook: Any) -> Tensor | None:
+    def _reader_hook(self, block: str) -> Callable[[Tensor], Tensor | None]:
+        def read(x: Tensor) -> Tensor | None:
             if not self._active(block):
                 return None
-            return x + self.delta(block, slice(0, 1), x)[:, :, 0]
+            return self._rebuilt(block, self._sigma(block).to(x.dtype), x, [1])[0]
 
-        return hook
+        return read
+
+    def _mlp_in_hook(self, layer: int) -> Callable:
+        read = self._reader_hook(mlp_block(layer))
+        return lambda x, hook: read(x)
 
     def _mlp_out_hook(self, layer: int) -> Callable:
         index = self.graph.upstream_of_layer(layer) + self.graph.n_heads
 
         def hook(x: Tensor, hook: Any) -> None:
-            self._deltas.append(self._reference(index, 1, x) - x.unsqueeze(0))
+            assert self._store is not None
+            self._store.write(self._reference(index, 1, x), x.unsqueeze(0))
 
         return hook
 
     def _logits_hook(self) -> Callable:
+        read = self._reader_hook(LOGITS_BLOCK)
+
         def hook(x: Tensor, hook: Any) -> Tensor | None:
-            out = x + self.delta(LOGITS_BLOCK, slice(0, 1), x)[:, :, 0] if self._active(
-                LOGITS_BLOCK) else None  # fmt: skip
+            out = read(x)
             if not self._keep:
                 self._clear()  # the forward's last reader: free the writers' contributions
             return out
@@ -331,10 +342,9 @@ class EdgeNoise(NoiseHooks):
         self.calibration_source = "data"
 
     def _contributions(self) -> Float[Tensor, "writers batch pos d_model"]:
-        """The last forward's writer contributions ``c_w`` (from ``mu_w - c_w`` with mu = 0
-        during calibration: the stored means are subtracted back)."""
-        stacked = torch.cat(self._deltas).double()
-        return self.writer_mean[: stacked.shape[0], None, None, :].double() - stacked
+        """The last forward's writer contributions ``c_w`` (from the stored ``mu_w - c_w``)."""
+        assert self._store is not None
+        return self._store.contributions(self.writer_mean[:, None, None, :])
 
     @torch.no_grad()
     def check_rebuild(self, tokens: Int[Tensor, "n pos"] | None = None) -> float:

@@ -11,7 +11,7 @@ checked when the noise is attached (:meth:`tl_noise.edges.EdgeNoise.check_rebuil
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -98,12 +98,19 @@ def _kv_groups(weight: Tensor, kv: int) -> Tensor:
 class ReaderWeights:
     """Per layer: ``ln1``; ``W_Q, W_K, W_V`` (``[heads, d_model, d_head]``, ``heads`` the query
     heads for Q and the key/value heads for K and V) and ``b_Q, b_K, b_V`` (``[heads, d_head]``);
-    ``W_O`` ``[n_heads, d_head, d_model]``."""
+    ``W_O`` ``[n_heads, d_head, d_model]``; ``stacked``: per layer ``W_Q, W_K, W_V`` and
+    their biases concatenated over heads, in the rows of the layer's attention edge block."""
 
     ln1: list[Norm]
     w_qkv: list[list[Tensor]]
     b_qkv: list[list[Tensor]]
     w_o: list[Tensor]
+    stacked: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.stacked:
+            self.stacked = [(torch.cat(w), torch.cat(b)[:, None, :])
+                            for w, b in zip(self.w_qkv, self.b_qkv, strict=True)]  # fmt: skip
 
     @classmethod
     def of(cls, model: Any) -> ReaderWeights:
@@ -128,6 +135,18 @@ class ReaderWeights:
         w, b = self.w_qkv[layer][which], self.b_qkv[layer][which]
         normed = self.ln1[layer](x)
         return torch.einsum("bphd,hde->bphe", normed.to(w.dtype), w) + b
+
+    def project_all(
+        self, layer: int, x: Float[Tensor, "readers batch pos d_model"], sizes: list[int]
+    ) -> list[Float[Tensor, "batch pos heads d_head"]]:
+        """``LN1(x_r) W[r] + b[r]`` for every reader row ``r`` of the layer's attention block
+        (its q, then k, then v heads: ``sizes`` rows each), as the model's q, k and v."""
+        w, b = self.stacked[layer]
+        normed = self.ln1[layer](x).to(w.dtype)
+        readers, batch, pos, d_model = normed.shape
+        out = torch.baddbmm(b, normed.reshape(readers, batch * pos, d_model), w)
+        return [q.view(-1, batch, pos, w.shape[-1]).permute(1, 2, 0, 3)
+                for q in out.split(sizes)]  # fmt: skip
 
     def head_outputs(
         self, layer: int, z: Float[Tensor, "batch pos n_heads d_head"]
