@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.edges.crosscheck import cross_check
 from benchmarks.edges.judge import curve, edge_auc, edge_labels, extract
 from benchmarks.edges.methods import METHODS, EdgeScores
 from tl_noise.edges import EdgeCircuitEvaluator, EdgeGraph
@@ -100,8 +101,17 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             row["roc_auc"] = edge_auc(row["scores"], edges, labels["positive"])
     for method, row in rows.items():
         print_row(method, row, args.ablations)
-    return {"n_edges": len(edges), "n_examples": len(tokens), "model": info,
-            "labels": labels, "methods": rows}  # fmt: skip
+    out = {"n_edges": len(edges), "n_examples": len(tokens), "model": info, "labels": labels,
+           "methods": rows}  # fmt: skip
+    tl, ours = rows.get("TL EAP (resample)", {}), rows.get("tl-noise EAP (resample)", {})
+    if "scores" in tl and "scores" in ours:
+        out["cross_check"] = check = cross_check(model, tokens, corrupted, mask, tl["scores"],
+                                                 ours["scores"])  # fmt: skip
+        own, diff = check["own_orientations"], check["swapped_max_abs_diff"]
+        print(f"TL EAP vs tl-noise EAP (resample): Pearson {own['pearson']:.3f}, Spearman "
+              f"{own['spearman']:.3f}; roles swapped: max |diff| {diff:.2g} "
+              f"(largest score {check['tl_max_score']:.3g})")  # fmt: skip
+    return out
 
 
 def _fmt(value: Any, spec: str, width: int) -> str:
