@@ -101,3 +101,22 @@ def test_resample_ablating_every_edge_is_the_corrupted_run(overrides):
     with torch.no_grad():
         expected = float(target_log_probs(model(corrupted), clean, mask).mean())
     assert empty == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.tl3
+def test_edge_noise_gradients_are_the_same_in_every_backward_pass():
+    """The readers' gradients are accumulated per backward pass: a second pass over a retained
+    graph gives the first pass's gradients again, not their sum."""
+    import tl_noise as tn
+
+    model = freeze(build_native_model(TINY))
+    clean, _, _ = pair(TINY["d_vocab"], n=3)
+    with tn.attach_edge_noise(model, calibration_tokens=clean) as noise:
+        noise.set_mode("sample")
+        loss = model(clean).log_softmax(-1)[..., 1].mean()
+        params = [p for p in noise.parameters() if p.requires_grad]
+        first = torch.autograd.grad(loss, params, retain_graph=True)
+        second = torch.autograd.grad(loss, params)
+    assert any(float(g.abs().max()) > 0 for g in first[:-1])
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)

@@ -29,6 +29,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 
+def _backward_pass() -> int:
+    """The id of the running backward pass (-1 where this torch cannot tell)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return int(current()) if current is not None else -1
+
+
 class _Write(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, contribution: Tensor, reference: Tensor, store: WriterStore,
@@ -84,7 +90,8 @@ class WriterStore:
     def __init__(self, n_writers: int, like: Tensor) -> None:
         self.shape = tuple(like.shape)
         self.rows = like.new_empty(n_writers, like.numel())
-        self.grad: Tensor | None = None  # d loss / d rows, accumulated during the backward
+        self.grad: Tensor | None = None  # d loss / d rows, accumulated during a backward pass
+        self._pass = -2  # the backward pass (autograd graph task) self.grad belongs to
         self.filled = 0
         self._handles: list[Tensor] = []
         self._ends: list[int] = []
@@ -103,8 +110,11 @@ class WriterStore:
         self._handles = []
 
     def accumulate(self, sigma: Tensor, grad: Tensor) -> None:
-        if self.grad is None:
-            self.grad = torch.zeros_like(self.rows)
+        """Add one reader group's ``sigma^T grad`` to the rows' gradient of this backward pass
+        (a new pass, e.g. after ``retain_graph=True``, starts from zero)."""
+        task = _backward_pass()
+        if self.grad is None or task != self._pass:
+            self.grad, self._pass = torch.zeros_like(self.rows), task
         self.grad[: sigma.shape[1]].addmm_(sigma.T, grad)
 
     def contract(
