@@ -91,22 +91,35 @@ class Circuit:
         return sorted(nodes, key=lambda n: (-self.node_scores[n], node_sort_key(n)))
 
 
-def _circuit_of(scores: Mapping[str, float], size: int | None, circuit: Collection[str] | None,
-                nodes: list[str]) -> set[str]:  # fmt: skip
-    inner = [n for n in nodes if n not in ALWAYS_IN]
+def _select(
+    ranked: list[str],
+    known: list[str],
+    size: int | None,
+    circuit: Collection[str] | None,
+    what: str,
+    everything: set[str],
+) -> set[str]:
+    """The circuit's members: ``circuit`` (names among ``known``), the top ``size`` of
+    ``ranked``, or (neither given) ``everything``."""
     if circuit is not None and size is not None:
         raise TLNoiseValueError("give size= or circuit=, not both")
     if circuit is not None:
-        unknown = sorted(set(circuit) - set(inner))
+        unknown = sorted(set(circuit) - set(known))
         if unknown:
-            raise TLNoiseValueError(f"circuit nodes {unknown} are not nodes of this model")
+            raise TLNoiseValueError(f"circuit {what}s {unknown[:5]} are not {what}s of this model")
         return set(circuit)
-    ranked = sorted(inner, key=lambda n: (-scores.get(n, -math.inf), node_sort_key(n)))
     if size is None:
-        return set(inner)
-    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= len(inner):
-        raise TLNoiseValueError(f"size={size!r}; expected an int in [0, {len(inner)}]")
+        return everything
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= len(ranked):
+        raise TLNoiseValueError(f"size={size!r}; expected an int in [0, {len(ranked)}]")
     return set(ranked[:size])
+
+
+def _circuit_of(scores: Mapping[str, float], size: int | None, circuit: Collection[str] | None,
+                nodes: list[str]) -> set[str]:  # fmt: skip
+    inner = [n for n in nodes if n not in ALWAYS_IN]
+    ranked = sorted(inner, key=lambda n: (-scores.get(n, -math.inf), node_sort_key(n)))
+    return _select(ranked, inner, size, circuit, "node", set(inner))
 
 
 def save_circuit(
@@ -191,20 +204,9 @@ def _kept_edges(
     circuit: Collection[str] | None,
 ) -> set[str]:
     """The edges in the circuit: ``circuit``, the top ``size`` scored, or every scored edge."""
-    if circuit is not None and size is not None:
-        raise TLNoiseValueError("give size= or circuit=, not both")
-    if circuit is not None:
-        missing = sorted(set(circuit) - set(names))
-        if missing:
-            raise TLNoiseValueError(f"circuit edges {missing[:5]} are not edges of this model")
-        return set(circuit)
-    if size is None:
-        return set(scores)
     index = {n: i for i, n in enumerate(names)}
     ranked = sorted(scores, key=lambda n: (-scores[n], index[n]))
-    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= len(ranked):
-        raise TLNoiseValueError(f"size={size!r}; expected an int in [0, {len(ranked)}]")
-    return set(ranked[:size])
+    return _select(ranked, names, size, circuit, "edge", set(scores))
 
 
 def _edge_payload(
