@@ -74,13 +74,33 @@ def test_extract_circuit_with_resample_ablation(model, attribution):
         tn.extract_circuit(attribution, model, TOKENS, ablation="resample")
 
 
-def test_extract_circuit_checks_its_input(model, attribution):
-    with pytest.raises(ValueError, match=r"target=1\.5"):
-        tn.extract_circuit(attribution, model, TOKENS, target=1.5)
-    with pytest.raises(ValueError, match="not edges of this model"):
-        tn.extract_circuit({"a9.h0->logits": 1.0}, model, TOKENS)
-    with pytest.raises(ValueError, match="ablation='zero'"):
-        tn.extract_circuit(attribution, model, TOKENS, ablation="zero")
+EXTRACT_CASES = {
+    "target-above-one": (dict(target=1.5), ValueError, r"target=1\.5"),
+    "unknown-edge": (dict(scores={"a9.h0->logits": 1.0}), ValueError, "not edges of this model"),
+    "nan-score": (dict(scores={"input->m0": math.nan}), ValueError, "finite numbers"),
+    "scores-a-list": (dict(scores=["input->m0"]), TypeError, "mapping, got list"),
+    "ablation-unknown": (dict(ablation="zero"), ValueError, "ablation='zero'"),
+    "resample-without-corrupted": (dict(ablation="resample"), ValueError, "needs corrupted"),
+    "corrupted-with-mean": (
+        dict(corrupted_tokens=TOKENS), ValueError, "used by ablation='resample' only"
+    ),
+    "corrupted-out-of-range": (
+        dict(ablation="resample", corrupted_tokens=TOKENS + 100), ValueError,
+        r"corrupted_tokens must lie in \[0, 49\]",
+    ),
+    "tokens-float": (dict(tokens=TOKENS.float()), TypeError, "tokens must be an int tensor"),
+    "mask-shape": (dict(loss_mask=torch.ones(2, 2, dtype=torch.bool)), ValueError, "loss_mask"),
+    "prune-budget-negative": (dict(prune_budget=-1), ValueError, "prune_budget=-1"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(EXTRACT_CASES))
+def test_extract_circuit_checks_its_input(case, model, attribution):
+    overrides, exc, match = EXTRACT_CASES[case]
+    kwargs = {"scores": attribution, "model": model, "tokens": TOKENS, **overrides}
+    with pytest.raises(exc, match=match):
+        tn.extract_circuit(**kwargs)
+    assert not any(point.fwd_hooks for point in model.hook_dict.values())  # nothing left on
 
 
 def test_extract_circuit_leaves_fitted_noise_in_place(model):

@@ -300,6 +300,17 @@ def test_attribution_is_the_derivative_of_the_ablation():
             assert math.isclose(abs(slope), scores[edge], rel_tol=0.03, abs_tol=2e-5), edge
 
 
+def test_the_rebuild_check_catches_readers_it_does_not_reproduce():
+    """The check at attach can fail: readers computed with other weights are refused."""
+    model = native()
+    with tn.attach_edge_noise(model, calibration_tokens=TOKENS) as noise:
+        assert noise._weights is not None
+        w, b = noise._weights.stacked[1]  # layer 1's stacked W_Q, W_K, W_V
+        noise._weights.stacked[1] = (w * 1.01, b)
+        with pytest.raises(ValueError, match=r"relative error of 0\.01 \(accepted: 0\.0001\)"):
+            noise.check_rebuild(TOKENS)
+
+
 def test_edge_noise_refuses_what_it_cannot_rebuild():
     for overrides, setting in [
         (dict(positional_embedding_type="rotary"), "rotary"),

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from jaxtyping import Int
@@ -22,11 +23,10 @@ from tl_noise.edges.graph import EdgeGraph
 from tl_noise.edges.noise import EdgeNoise
 from tl_noise.edges.weights import check_edge_model
 from tl_noise.errors import TLNoiseTypeError
-from tl_noise.hooks.ablation import has_mlps
-from tl_noise.hooks.attach import check_parameterization
+from tl_noise.hooks.attach import check_noise_arguments
 from tl_noise.hooks.calibration import default_probe_tokens
 from tl_noise.hooks.noise_hooks import NoiseHooks
-from tl_noise.hooks.selection import check_model, check_seed, check_tokens
+from tl_noise.hooks.selection import check_tokens
 from tl_noise.noise.forms import check_form
 from tl_noise.noise.layer import NoiseLayer
 from tl_noise.noise.parameterizations import StandardDeviationParameterization
@@ -58,22 +58,17 @@ def attach_edge_noise(
     ``<k>``/``<v>`` readers are one per group (:class:`~tl_noise.edges.EdgeGraph`). After
     attaching, the rebuilt q/k/v with every edge kept are checked against the model's own.
     """
-    check_model(model)
+    check_noise_arguments(model, parameterization, seed)
     check_edge_model(model)
-    check_parameterization(parameterization)
-    check_seed(seed)
     form = check_form(form)
     if calibration_tokens is not None:
         check_tokens(model, calibration_tokens, "calibration_tokens")
-    cfg = model.cfg
-    kv = getattr(cfg, "n_key_value_heads", None)
-    graph = EdgeGraph(int(cfg.n_layers), int(cfg.n_heads), has_mlps(model),
-                      None if kv in (None, cfg.n_heads) else int(kv))  # fmt: skip
+    graph = EdgeGraph.of(model)
     layers = {
         block: NoiseLayer(
             shape,
             granularity="feature",
-            parameterization=None if parameterization is None else _copy(parameterization),
+            parameterization=copy.deepcopy(parameterization),
             init_std=init_std,
             relative=False,
             name=block,
@@ -93,12 +88,6 @@ def attach_edge_noise(
         noise.remove()
         raise
     return noise
-
-
-def _copy(parameterization: StandardDeviationParameterization) -> Any:
-    import copy
-
-    return copy.deepcopy(parameterization)
 
 
 def edge_importance(noise: NoiseHooks) -> dict[str, float]:

@@ -28,9 +28,11 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from tl_noise.errors import TLNoiseValueError
+from tl_noise.edges.graph import EdgeGraph
+from tl_noise.errors import TLNoiseTypeError, TLNoiseValueError
 from tl_noise.hooks.ablation import eval_batches, target_log_probs
 from tl_noise.hooks.owners import attached_noise
+from tl_noise.hooks.selection import check_model, check_tokens
 
 Metric = Callable[[Tensor, dict[str, Tensor]], Tensor]
 ABLATIONS = ("mean", "resample")
@@ -78,6 +80,8 @@ class EdgeCircuitEvaluator:
     ) -> None:
         from tl_noise.edges.attach import attach_edge_noise
 
+        check_model(model)
+        check_tokens(model, tokens)
         if ablation not in ABLATIONS:
             raise TLNoiseValueError(f"ablation={ablation!r}; accepted: {', '.join(ABLATIONS)}")
         mask = torch.ones_like(tokens, dtype=torch.bool) if loss_mask is None else loss_mask
@@ -85,12 +89,16 @@ class EdgeCircuitEvaluator:
             raise TLNoiseValueError(
                 f"loss_mask must be a bool tensor shaped like the tokens {list(tokens.shape)}"
             )
-        if ablation == "resample" and (
-            corrupted_tokens is None or corrupted_tokens.shape != tokens.shape
-        ):
+        if ablation == "resample":
+            if corrupted_tokens is None or corrupted_tokens.shape != tokens.shape:
+                raise TLNoiseValueError(
+                    "ablation='resample' needs corrupted_tokens shaped like the tokens "
+                    f"{list(tokens.shape)}"
+                )
+            check_tokens(model, corrupted_tokens, "corrupted_tokens")
+        elif corrupted_tokens is not None:
             raise TLNoiseValueError(
-                "ablation='resample' needs corrupted_tokens shaped like the tokens "
-                f"{list(tokens.shape)}"
+                "corrupted_tokens are used by ablation='resample' only; this is ablation='mean'"
             )
         self.model, self.tokens, self.mask = model, tokens, mask
         self.ablation, self.corrupted = ablation, corrupted_tokens
@@ -219,6 +227,22 @@ class ExtractedCircuit:
         return [n for n in found if n not in ("input", "logits")]
 
 
+def check_edge_scores(scores: Any, model: Any) -> None:
+    """TypeError/ValueError unless ``scores`` is ``{edge: finite number}`` naming edges of
+    ``model``'s graph (checked before any forward pass)."""
+    if not isinstance(scores, Mapping):
+        raise TLNoiseTypeError(f"scores must be an {{edge: score}} mapping, got "
+                               f"{type(scores).__name__}")  # fmt: skip
+    bad = {e: v for e, v in scores.items() if isinstance(v, bool)
+           or not isinstance(v, (int, float)) or not math.isfinite(v)}  # fmt: skip
+    if bad:
+        raise TLNoiseValueError(f"scores must be finite numbers; got {dict(list(bad.items())[:5])}")
+    check_model(model)
+    unknown = sorted(set(scores) - set(EdgeGraph.of(model).locate()))
+    if unknown:
+        raise TLNoiseValueError(f"scores name {unknown[:5]}, which are not edges of this model")
+
+
 def rank_edges(scores: Mapping[str, float], edges: Sequence[str]) -> list[str]:
     """``edges`` by score, highest first (unscored last); ties keep ``edges``' order."""
     index = {e: i for i, e in enumerate(edges)}
@@ -261,12 +285,10 @@ def extract_circuit(
         raise TLNoiseValueError(f"target={target!r}; expected a number in (0, 1]")
     if isinstance(prune_budget, bool) or not isinstance(prune_budget, int) or prune_budget < 0:
         raise TLNoiseValueError(f"prune_budget={prune_budget!r}; expected an int >= 0")
+    check_edge_scores(scores, model)
     with EdgeCircuitEvaluator(
         model, tokens, loss_mask, ablation, corrupted_tokens, metric, batch_size=batch_size
     ) as evaluator:
-        unknown = sorted(set(scores) - set(evaluator.edges))
-        if unknown:
-            raise TLNoiseValueError(f"scores name {unknown[:5]}, which are not edges of this model")
         ranked = rank_edges(scores, evaluator.edges)
         curve: dict[int, float] = {0: 0.0, len(ranked): 1.0}
 

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
+from tl_noise.hooks.ablation import has_mlps
 from tl_noise.names import head_node, mlp_node
 
 QKV = "qkv"
@@ -55,6 +57,14 @@ class EdgeGraph:
     n_heads: int
     mlps: bool = True
     kv_heads: int | None = None  # None: one key/value head per query head
+
+    @classmethod
+    def of(cls, model: Any) -> EdgeGraph:
+        """The graph of a TransformerLens model (its layers, heads, MLPs, key/value heads)."""
+        cfg = model.cfg
+        kv = getattr(cfg, "n_key_value_heads", None)
+        kv_heads = None if kv in (None, cfg.n_heads) else int(kv)
+        return cls(int(cfg.n_layers), int(cfg.n_heads), has_mlps(model), kv_heads)
 
     @property
     def kv(self) -> int:
@@ -126,10 +136,18 @@ class EdgeGraph:
         return f"{self.writers[column]}->{self.readers(block)[row]}"
 
     def edge_names(self, block: str) -> list[list[str]]:
-        """``[readers][writers]`` MIB edge names of a block."""
-        rows, columns = self.block_shapes()[block]
-        readers = self.readers(block)
-        return [[f"{self.writers[c]}->{readers[r]}" for c in range(columns)] for r in range(rows)]
+        """``[readers][writers]`` MIB edge names of a block (built once per graph: a fit asks
+        for them at every step)."""
+        return self._names[block]
+
+    @cached_property
+    def _names(self) -> dict[str, list[list[str]]]:
+        out = {}
+        for block, (rows, columns) in self.block_shapes().items():
+            readers = self.readers(block)
+            out[block] = [[f"{self.writers[c]}->{readers[r]}" for c in range(columns)]
+                          for r in range(rows)]  # fmt: skip
+        return out
 
     def locate(self) -> dict[str, tuple[str, int, int]]:
         """``{edge name: (block, row, column)}`` of every edge."""

@@ -84,7 +84,11 @@ class FitConfig:
     refine_window: int = _setting(
         8, "in-context refinement of the ranking: candidates tried per removal (0: off)"
     )
-    refine_examples: int = _setting(128, "examples the in-context refinement evaluates on")
+    refine_examples: int = _setting(
+        128,
+        "examples the in-context refinement evaluates on (edge noise: the faithfulness of its "
+        "top-k edges, measured at the end of the fit)",
+    )
     refine_budget: int | None = _setting(
         None, "most forward passes the refinement may spend (default: no cap)", type=int
     )

@@ -94,9 +94,7 @@ def attach_noise(
 
     Shapes are checked now, with a probe forward pass, not at the first training step.
     """
-    check_model(model)
-    check_parameterization(parameterization)
-    check_seed(seed)
+    check_noise_arguments(model, parameterization, seed)
     names = resolve_hook_names(model, hooks)
     source = "data" if calibration_tokens is not None else "random"
     if calibration_tokens is None:
@@ -135,8 +133,11 @@ def attach_noise(
     return noise.attach()
 
 
-def check_parameterization(parameterization: object) -> None:
-    """TypeError unless ``parameterization`` is a std parameterization or None."""
+def check_noise_arguments(model: Any, parameterization: object, seed: Any) -> None:
+    """What every attach checks first: a TransformerLens model, a std parameterization (or
+    None) and an int (or None) seed; TypeError naming the value otherwise."""
+    check_model(model)
+    check_seed(seed)
     if parameterization is not None and not isinstance(
         parameterization, StandardDeviationParameterization
     ):
