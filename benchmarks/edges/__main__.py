@@ -79,8 +79,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     model, bench, info = load(name, args)
     task = bench.task(n=args.n, seed=EVAL_SEED)
     tokens, mask, corrupted = task.tokens, task.loss_mask, bench.corrupted_tokens(task)
-    cfg = model.cfg
-    graph = EdgeGraph(int(cfg.n_layers), int(cfg.n_heads), mlps=not getattr(cfg, "attn_only", 0))
+    graph = EdgeGraph.of(model)
     print(f"\n== {name}: {graph.n_edges} edges, {len(tokens)} sequences", flush=True)
     methods = [m for m in METHODS if not args.methods or m in args.methods]
     rows = score(name, model, (tokens, mask, corrupted), methods)
