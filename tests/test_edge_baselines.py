@@ -19,6 +19,7 @@ from conftest import TINY, TL_MAJOR, freeze
 
 from tl_noise.edges import EdgeCircuitEvaluator
 from tl_noise.evaluation.node_baselines.common import n_targets, target_log_probs
+from tl_noise.hooks.targets import next_token_targets
 from tl_noise.models import build_native_model, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,10 +52,10 @@ def hf_model(gpt2_checkpoint):
 def test_edge_attribution_is_transformer_lens_with_the_roles_swapped(hf_model):
     clean, corrupted, mask = pair(int(hf_model.cfg.d_vocab))
     theirs, _, forwards = tl_eap().tl_edge_attribution(hf_model, clean, mask, corrupted)
-    n, count = clean.shape[0], n_targets(mask)
+    n, count = clean.shape[0], n_targets(mask, next_token_targets(clean))
 
     def metric(logits, batch):  # minus the clean tokens' share of TL's metric, per row
-        logp = target_log_probs(logits, batch["clean"], batch["loss_mask"])
+        logp = target_log_probs(logits, next_token_targets(batch["clean"]), batch["loss_mask"])
         return -logp.sum() * n / (count * len(batch["index"]))
 
     with EdgeCircuitEvaluator(hf_model, corrupted, mask, "resample", corrupted_tokens=clean,
@@ -99,7 +100,7 @@ def test_resample_ablating_every_edge_is_the_corrupted_run(overrides):
     with EdgeCircuitEvaluator(model, clean, mask, "resample", corrupted_tokens=corrupted) as ev:
         empty = ev.empty_metric
     with torch.no_grad():
-        expected = float(target_log_probs(model(corrupted), clean, mask).mean())
+        expected = float(target_log_probs(model(corrupted), next_token_targets(clean), mask).mean())
     assert empty == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 

@@ -32,6 +32,17 @@ BASE = dict(d_model=32, n_heads=4, d_head=8, d_vocab=50, n_ctx=24)
 CONFIGS = {  # 3 x (4 heads + MLP) = 15 nodes; 2 x 4 heads = 8 nodes
     "mlp": dict(BASE, n_layers=3, d_mlp=64, act_fn="gelu", seed=3),
     "attn_only": dict(BASE, n_layers=2, attn_only=True, seed=2),
+    # a compiled program's shape: bidirectional, ReLU, its own output vocabulary (the metric's
+    # targets are then the clean model's argmax: tl_noise.hooks.targets)
+    "bidirectional": dict(
+        BASE,
+        n_layers=2,
+        d_mlp=32,
+        act_fn="relu",
+        seed=4,
+        attention_dir="bidirectional",
+        d_vocab_out=7,
+    ),
 }
 SCALE = 2.0  # random weights x 2 (and these seeds): |m(N) - m(empty)| > 1 on TL 3.x and 4.x,
 # so f is well conditioned against the float32 log-softmax of the hooked forwards

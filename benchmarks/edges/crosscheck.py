@@ -20,6 +20,7 @@ from torch import Tensor
 
 from tl_noise.edges import EdgeCircuitEvaluator
 from tl_noise.evaluation.node_baselines.common import n_targets, target_log_probs
+from tl_noise.hooks.targets import next_token_targets
 
 
 def _ranks(x: Tensor) -> Tensor:
@@ -40,10 +41,10 @@ def swapped_attribution(
     model: Any, clean: Tensor, corrupted: Tensor, mask: Tensor
 ) -> dict[str, float]:
     """tl-noise's edge attribution with the roles swapped: TL's definition (module doc)."""
-    n, count = clean.shape[0], n_targets(mask)
+    n, count = clean.shape[0], n_targets(mask, next_token_targets(clean))
 
     def metric(logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
-        logp = target_log_probs(logits, batch["clean"], batch["loss_mask"])
+        logp = target_log_probs(logits, next_token_targets(batch["clean"]), batch["loss_mask"])
         return -logp.sum() * n / (count * len(batch["index"]))
 
     with EdgeCircuitEvaluator(model, corrupted, mask, "resample", corrupted_tokens=clean,

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from tl_noise.devices import model_device
 from tl_noise.evaluation.node_baselines.common import n_targets, target_log_probs, target_mask
+from tl_noise.hooks.targets import next_token_targets
 from tl_noise.names import head_node, mlp_node
 
 TL_TOOL = "transformer_lens.tools.analysis.attribution_patching"
@@ -74,8 +75,9 @@ def tl_edge_attribution(
     began = time.perf_counter()
     tool = importlib.import_module(TL_TOOL)
     config = tool.EdgeAttributionConfig(granularity="edge")
-    device, count = model_device(model), n_targets(loss_mask)
-    targets = target_mask(loss_mask)
+    labels = next_token_targets(tokens)
+    device, count = model_device(model), n_targets(loss_mask, labels)
+    targets = target_mask(loss_mask, labels)
     rows = [i for i in range(tokens.shape[0]) if bool(targets[i, :-1].any())]
     signed: dict[str, float] = {}
     params = list(model.parameters())
@@ -88,7 +90,7 @@ def tl_edge_attribution(
                 x, mask = tokens[i : i + 1].to(device), loss_mask[i : i + 1].to(device)
 
                 def metric_fn(logits: Tensor, x: Tensor = x, mask: Tensor = mask) -> Tensor:
-                    return target_log_probs(logits, x, mask).sum() / count
+                    return target_log_probs(logits, next_token_targets(x), mask).sum() / count
 
                 bad = corrupted_tokens[i : i + 1].to(device)
                 result = tool.attribution_patch(model, x, bad, metric_fn, config)

@@ -30,9 +30,10 @@ from torch import Tensor
 
 from tl_noise.edges.graph import EdgeGraph
 from tl_noise.errors import TLNoiseTypeError, TLNoiseValueError
-from tl_noise.hooks.ablation import eval_batches, target_log_probs
+from tl_noise.hooks.ablation import eval_batches
 from tl_noise.hooks.owners import attached_noise
 from tl_noise.hooks.selection import check_model, check_tokens
+from tl_noise.hooks.targets import TARGETS_KEY, resolve_targets, target_log_probs
 
 Metric = Callable[[Tensor, dict[str, Tensor]], Tensor]
 ABLATIONS = ("mean", "resample")
@@ -61,7 +62,10 @@ class EdgeCircuitEvaluator:
         ablation: ``"mean"`` (over every example and position of ``tokens``) or ``"resample"``
             (``corrupted_tokens``, shaped like ``tokens``: each example's own counterfactual).
         metric: a loss ``metric(logits, batch)`` (batch: ``tokens``, ``loss_mask``, ``index`` and
-            ``extras``) instead of the log-probability of the next token.
+            ``extras``) instead of the log-probability of the target.
+        targets: ``[n, pos]`` what each prediction is judged against when no ``metric`` is given
+            (default ``extras["targets"]``, else the next token, or the clean model's argmax when
+            its outputs are not input tokens: :func:`tl_noise.hooks.targets.resolve_targets`).
 
     Use it inside ``with evaluator:`` (or call :meth:`close`): it attaches its own edge noise
     and takes any other tl-noise noise off the model until it is closed.
@@ -77,6 +81,7 @@ class EdgeCircuitEvaluator:
         metric: Metric | None = None,
         extras: Mapping[str, Tensor] | None = None,
         batch_size: int = 32,
+        targets: Int[Tensor, "n pos"] | None = None,
     ) -> None:
         from tl_noise.edges.attach import attach_edge_noise
 
@@ -107,6 +112,10 @@ class EdgeCircuitEvaluator:
         self._detached = other_noise_detached(model)
         self._detached.__enter__()
         try:
+            self.targets = None
+            if metric is None:
+                given = self.extras.get(TARGETS_KEY) if targets is None else targets
+                self.targets = resolve_targets(model, tokens, mask, given, batch_size)
             self.noise = attach_edge_noise(model, calibration_tokens=tokens)
             self.graph = self.noise.graph
             self.locate = self.graph.locate()
@@ -153,9 +162,10 @@ class EdgeCircuitEvaluator:
     def _batch_metric(self, logits: Tensor, index: Tensor) -> tuple[Tensor, int]:
         """``(sum of the metric over the batch, how many terms)``."""
         tokens, mask = self.tokens[index].to(logits.device), self.mask[index].to(logits.device)
-        if self.metric_fn is None:
-            logp = target_log_probs(logits, tokens, mask)
+        if self.targets is not None:
+            logp = target_log_probs(logits, self.targets[index].to(logits.device), mask)
             return logp.sum(), logp.numel()
+        assert self.metric_fn is not None
         batch = {"tokens": tokens, "loss_mask": mask, "index": index}
         batch.update({k: v[index].to(logits.device) for k, v in self.extras.items()})
         return -self.metric_fn(logits, batch) * len(index), len(index)
@@ -276,6 +286,7 @@ def extract_circuit(
     metric: Metric | None = None,
     prune_budget: int = 200,
     batch_size: int = 32,
+    targets: Int[Tensor, "n pos"] | None = None,
 ) -> ExtractedCircuit:
     """The smallest edge circuit whose faithfulness (every other edge ablated) reaches
     ``target``, found from the ranking ``scores`` (``tn.edge_importance(noise)``) and verified by a
@@ -287,7 +298,14 @@ def extract_circuit(
         raise TLNoiseValueError(f"prune_budget={prune_budget!r}; expected an int >= 0")
     check_edge_scores(scores, model)
     with EdgeCircuitEvaluator(
-        model, tokens, loss_mask, ablation, corrupted_tokens, metric, batch_size=batch_size
+        model,
+        tokens,
+        loss_mask,
+        ablation,
+        corrupted_tokens,
+        metric,
+        batch_size=batch_size,
+        targets=targets,
     ) as evaluator:
         ranked = rank_edges(scores, evaluator.edges)
         curve: dict[int, float] = {0: 0.0, len(ranked): 1.0}

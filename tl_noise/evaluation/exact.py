@@ -49,7 +49,7 @@ from tl_noise.evaluation.exact_forward import (
 )
 from tl_noise.evaluation.metrics import roc_auc
 from tl_noise.evaluation.nodes import CircuitEvaluator, circuit_nodes
-from tl_noise.fitting.objectives import next_token_mask
+from tl_noise.hooks.targets import output_vocab, target_positions
 from tl_noise.io import read_json, read_tensors, write_json, write_tensors
 
 MAX_EXACT_NODES = 20
@@ -132,7 +132,7 @@ def _check_nodes(model: Any, nodes: Sequence[str] | None) -> list[str]:
 def exhaustive_faithfulness(
     model: Any, tokens: Int[Tensor, "n pos"], loss_mask: Bool[Tensor, "n pos"],
     nodes: Sequence[str] | None = None, batch_size: int | None = None, progress: bool = True,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, targets: Int[Tensor, "n pos"] | None = None,
 ) -> ExactTable:  # fmt: skip
     """``f(C)`` for all ``2^N`` subsets ``C`` of ``nodes`` (default every head and MLP) as
     :class:`CircuitEvaluator` defines it (nodes not listed are never ablated), for about the
@@ -145,21 +145,22 @@ def exhaustive_faithfulness(
     """
     nodes = _check_nodes(model, nodes)
     began = time.perf_counter()
-    ev = CircuitEvaluator(model, tokens, loss_mask, nodes)  # means, and the reference m(N), m(0)
+    ev = CircuitEvaluator(model, tokens, loss_mask, nodes, targets=targets)  # means, m(N), m(0)
+    targets = ev.targets.to(model_device(model))
     cfg, device = model.cfg, model_device(model)
     w_e, w_pos, layers, final = _weights(model, dtype)
     plan = _plan(model, nodes, ev.means, dtype, device)
     tokens, loss_mask = tokens.to(device), loss_mask.to(device)
-    n_targets = int(next_token_mask(loss_mask).sum())
+    n_targets = int(target_positions(loss_mask, targets).sum())
     sums = torch.zeros(1 << len(nodes), dtype=torch.float64)
-    widest = max(int(cfg.d_mlp or 0), int(cfg.n_heads) * int(cfg.d_model), int(cfg.d_vocab))
+    widest = max(int(cfg.d_mlp or 0), int(cfg.n_heads) * int(cfg.d_model), output_vocab(model))
     rows = ACTIVATION_FLOATS // widest
     chunks = [slice(None)] if batch_size else _example_chunks(model, tokens, nodes, rows)
     with tqdm(total=len(sums) * n_targets, disable=not progress, desc="circuits x targets",
               leave=False) as bar:  # fmt: skip
         for chunk in chunks:
             run = _Run(layers, plan, final, rows, batch_size, bar, sums,
-                       _targets(tokens[chunk], loss_mask[chunk]))  # fmt: skip
+                       _targets(targets[chunk], loss_mask[chunk]))  # fmt: skip
             if len(run.target[2]):
                 embedded = (w_e[tokens[chunk]] + w_pos[: tokens.shape[1]])[None]
                 run.layer(0, embedded, torch.zeros(1, dtype=torch.long, device=device))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tl_noise.errors import TLNoiseValueError
-from tl_noise.fitting.objectives import next_token_mask
+from tl_noise.hooks.targets import target_positions
 from tl_noise.names import parse_node
 
 ACTIVATION_FLOATS = 2**22
@@ -70,6 +70,7 @@ class _Layer:
     b_O: Tensor
     scale: float
     mlp: tuple[_Norm, Tensor, Tensor, Tensor, Tensor, Callable] | None  # ln2, W_in, b_in, ...
+    causal: bool = True  # False: every position attends to every position (compiled programs)
 
 
 def _check_config(cfg: Any) -> None:
@@ -82,7 +83,8 @@ def _check_config(cfg: Any) -> None:
         ("n_key_value_heads", get("n_key_value_heads") in (None, cfg.n_heads)),
         ("positional_embedding_type", get("positional_embedding_type") in (None, "standard")),
         ("act_fn", cfg.attn_only or (cfg.act_fn or "gelu").lower() in _ACTS),
-        ("attention_dir", get("attention_dir", "causal") == "causal")] if not ok]  # fmt: skip
+        ("attention_dir", get("attention_dir", "causal") in ("causal", "bidirectional"))]
+        if not ok]  # fmt: skip
     if bad:
         raise TLNoiseValueError(f"exhaustive_faithfulness does not reproduce models with {bad} "
                                 f"set as here ({[get(k) for k in bad]})")  # fmt: skip
@@ -148,8 +150,9 @@ def _weights(model: Any, dtype: torch.dtype) -> tuple[Tensor, Tensor, list[_Laye
             norm(f"{p}.ln2"), sd[f"{q}.W_in"], sd[f"{q}.b_in"], sd[f"{q}.W_out"], sd[f"{q}.b_out"],
             _ACTS[(cfg.act_fn or "gelu").lower()])  # fmt: skip
         qkv = [sd[f"{p}.attn.{w}_{x}"] for w in "Wb" for x in "QKV"]
+        causal = getattr(cfg, "attention_dir", "causal") == "causal"
         layers.append(_Layer(norm(f"{p}.ln1"), qkv, sd[f"{p}.attn.W_O"], sd[f"{p}.attn.b_O"],
-                             scale, mlp))  # fmt: skip
+                             scale, mlp, causal))  # fmt: skip
     w_u = sd["unembed.W_U"]
     b_u = sd.get("unembed.b_U", torch.zeros_like(w_u[0]))
     return sd["embed.W_E"], sd["pos_embed.W_pos"], layers, (norm("ln_final"), w_u, b_u)
@@ -203,8 +206,10 @@ def _components(w: _Layer, x: Tensor, qpos: Tensor | None, mean_z: Tensor) -> Te
     v = torch.einsum("snpd,hde->snhpe", h, wv) + bv[:, None]
     pos = torch.arange(h.shape[2], device=x.device)
     qp = pos.expand(x.shape[1], -1) if qpos is None else qpos
-    future = pos[None, None, :] > qp[:, :, None]  # [n, q, pos]
-    scores = (q @ k.transpose(-1, -2) / w.scale).masked_fill(future[None, :, None], -math.inf)
+    scores = q @ k.transpose(-1, -2) / w.scale
+    if w.causal:
+        future = pos[None, None, :] > qp[:, :, None]  # [n, q, pos]
+        scores = scores.masked_fill(future[None, :, None], -math.inf)
     delta = torch.einsum("snhqe,hed->hsnqd", scores.softmax(-1) @ v - mean_z[:, None], w.W_O)
     return torch.cat([delta, (x + w.b_O + torch.einsum("he,hed->d", mean_z, w.W_O))[None]])
 
@@ -282,13 +287,13 @@ class _Run:
         self.bar.update(len(ms) * len(self.target[2]))
 
 
-def _targets(tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(qpos [n, q], valid [n, q], next tokens [T])``: each row's target positions first."""
-    keep = next_token_mask(mask)
+def _targets(targets: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(qpos [n, q], valid [n, q], target ids [T])``: each row's counted positions first."""
+    keep = target_positions(mask, targets)
     q = max(1, int(keep.sum(1).max()))
     order = torch.sort((~keep).long(), dim=1, stable=True).indices[:, :q]
     valid = keep.gather(1, order)
-    return order, valid, tokens.gather(1, (order + 1).clamp(max=tokens.shape[1] - 1))[valid]
+    return order, valid, targets.gather(1, order)[valid]
 
 
 def _example_chunks(model: Any, tokens: Tensor, nodes: list[str], rows: int) -> list[Tensor]:

@@ -3,7 +3,8 @@
 A circuit ``C`` is a set of nodes; every node outside it is *mean-ablated*: a head's slice of
 ``blocks.{l}.attn.hook_z`` and an MLP's ``blocks.{l}.hook_mlp_out`` are replaced by their mean over
 every example and position of the evaluation set. The metric is the mean log-probability of the
-true next token at the task's ``loss_mask`` positions, and MIB's normalised faithfulness is
+target at the task's ``loss_mask`` positions (the true next token, or the task's own targets:
+:mod:`tl_noise.hooks.targets`), and MIB's normalised faithfulness is
 
     f(C) = (m(C) - m(empty)) / (m(N) - m(empty))
 
@@ -24,7 +25,6 @@ from torch import Tensor
 
 from tl_noise.devices import model_device
 from tl_noise.errors import TLNoiseValueError
-from tl_noise.fitting.objectives import next_token_mask
 from tl_noise.hooks.ablation import (
     FwdHooks,
     ablation_hooks,
@@ -32,8 +32,8 @@ from tl_noise.hooks.ablation import (
     eval_batches,
     has_mlps,
     node_means,
-    target_log_probs,
 )
+from tl_noise.hooks.targets import resolve_targets, target_log_probs, target_positions
 
 __all__ = [
     "CircuitEvaluator",
@@ -54,6 +54,9 @@ class CircuitEvaluator:
         tokens: ``[n, pos]`` evaluation tokens; ``loss_mask``: ``[n, pos]`` bool target
             positions (the prediction at ``t`` of token ``t + 1`` counts).
         nodes: the nodes a circuit is chosen from (default every head and MLP).
+        targets: ``[n, pos]`` what each prediction is judged against (default: the next token,
+            or the clean model's argmax when its outputs are not input tokens;
+            :func:`~tl_noise.hooks.targets.resolve_targets`).
     """
 
     def __init__(
@@ -63,13 +66,13 @@ class CircuitEvaluator:
         loss_mask: Bool[Tensor, "n pos"],
         nodes: Collection[str] | None = None,
         batch_size: int = 64,
+        targets: Int[Tensor, "n pos"] | None = None,
     ) -> None:
         if tokens.shape != loss_mask.shape or loss_mask.dtype != torch.bool:
             raise TLNoiseValueError(
                 f"loss_mask must be a bool tensor shaped like the tokens {list(tokens.shape)}"
             )
-        if not bool(next_token_mask(loss_mask)[:, :-1].any()):
-            raise TLNoiseValueError("loss_mask selects no position with a next token")
+        self.targets = resolve_targets(model, tokens, loss_mask, targets, batch_size)
         self.model, self.tokens, self.mask = model, tokens, loss_mask
         self.nodes = list(nodes) if nodes is not None else circuit_nodes(model)
         self.batch_size = batch_size
@@ -92,7 +95,7 @@ class CircuitEvaluator:
         for index in eval_batches(self.tokens.shape[0], self.batch_size):
             tokens, mask = self.tokens[index].to(device), self.mask[index].to(device)
             logits = self.model.run_with_hooks(tokens, fwd_hooks=hooks)
-            parts.append(target_log_probs(logits, tokens, mask))
+            parts.append(target_log_probs(logits, self.targets[index].to(device), mask))
         self.forwards += 1
         return torch.cat(parts)
 
@@ -103,8 +106,8 @@ class CircuitEvaluator:
         return [n for n in self.nodes if n not in keep]
 
     def metric(self, keep: Collection[str]) -> float:
-        """``m(C)``: mean log-prob of the true next token with every node outside ``keep``
-        mean-ablated."""
+        """``m(C)``: mean log-prob of the target (the true next token, by default) with every
+        node outside ``keep`` mean-ablated."""
         return float(self._log_probs(self._ablated(keep)).mean())
 
     def faithfulness(self, keep: Collection[str]) -> float:
@@ -113,13 +116,13 @@ class CircuitEvaluator:
 
     @torch.no_grad()
     def kl(self, keep: Collection[str]) -> float:
-        """``KL(p_N || p_C)`` of the next-token distributions, averaged over target positions."""
+        """``KL(p_N || p_C)`` of the output distributions, averaged over target positions."""
         hooks = ablation_hooks(self.means, self._ablated(keep))
         device = model_device(self.model)
         total, count = 0.0, 0
         for index in eval_batches(self.tokens.shape[0], self.batch_size):
             tokens, mask = self.tokens[index].to(device), self.mask[index].to(device)
-            keep_pos = next_token_mask(mask)
+            keep_pos = target_positions(mask, self.targets[index].to(device))
             clean = F.log_softmax(self.model(tokens)[keep_pos].float(), -1)
             circuit = F.log_softmax(
                 self.model.run_with_hooks(tokens, fwd_hooks=hooks)[keep_pos].float(), -1

@@ -17,8 +17,10 @@ nodes, and the noise ranking decides which nodes are worth trying. ``budget`` ca
 past it the remaining order follows the noise ranking.
 
 The metric ``m`` is the task's own metric when the fit optimised one (``-metric``, as metrics are
-losses), else the mean log-probability of the true next token at the loss-mask positions;
-ablation means are taken over every example and position of the refinement set.
+losses), else the mean log-probability of the target at the loss-mask positions (the true next
+token, the task's ``targets`` extra, or the clean prediction of a model whose outputs are not
+input tokens: :func:`tl_noise.hooks.targets.resolve_targets`); ablation means are taken over
+every example and position of the refinement set.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from tl_noise.devices import model_device
 from tl_noise.errors import TLNoiseValueError
 from tl_noise.fitting.callbacks import Callback
 from tl_noise.hooks import NoiseHooks, head_importance, std_node_scores
-from tl_noise.hooks.ablation import ablation_hooks, eval_batches, node_means, target_log_probs
+from tl_noise.hooks.ablation import ablation_hooks, eval_batches, node_means
+from tl_noise.hooks.targets import TARGETS_KEY, resolve_targets, target_log_probs
 from tl_noise.names import node_sort_key, parse_node
 
 Metric = Callable[[Tensor, dict[str, Tensor]], Tensor]
@@ -60,6 +63,10 @@ class InContextMetric:
         self.metric_fn, self.extras = metric, extras or {}
         self.batch_size = batch_size
         self.means = node_means(model, tokens, batch_size)
+        self.targets = None
+        if metric is None:
+            given = self.extras.get(TARGETS_KEY)
+            self.targets = resolve_targets(model, tokens, mask, given, batch_size)
         self.forwards = 0
 
     @torch.no_grad()
@@ -70,10 +77,11 @@ class InContextMetric:
         for index in eval_batches(self.tokens.shape[0], self.batch_size):
             tokens, mask = self.tokens[index].to(device), self.mask[index].to(device)
             logits = self.model.run_with_hooks(tokens, fwd_hooks=hooks)
-            if self.metric_fn is None:
-                logp = target_log_probs(logits, tokens, mask)
+            if self.targets is not None:
+                logp = target_log_probs(logits, self.targets[index].to(device), mask)
                 total, count = total + float(logp.sum()), count + logp.numel()
             else:
+                assert self.metric_fn is not None
                 batch = {"tokens": tokens, "loss_mask": mask, "index": index}
                 batch.update({k: v[index].to(device) for k, v in self.extras.items()})
                 total -= float(self.metric_fn(logits, batch)) * len(index)

@@ -2,7 +2,8 @@
 
 * ``"kl"``: ``KL(p_clean || p_noised)`` of the next-token distributions at masked positions; the
   clean distributions come from :class:`CleanTargets` (cached while under a memory budget);
-* ``"ce"``: next-token cross-entropy at masked positions;
+* ``"ce"``: next-token cross-entropy at masked positions (against the batch's ``targets`` when
+  the task has them: :mod:`tl_noise.hooks.targets`);
 * ``"metric"``: the task's metric, or any callable ``metric(logits, batch) -> scalar``.
 
 Each returns ``(loss, terms)``: ``terms`` is how many loss terms the batch contributed (masked
@@ -27,6 +28,7 @@ from tl_noise.fitting.objectives import (
 )
 from tl_noise.hooks import NoiseHooks
 from tl_noise.hooks.owners import all_noise_switched_off
+from tl_noise.hooks.targets import TARGETS_KEY, target_log_probs
 
 Batch = dict[str, Tensor]
 
@@ -114,12 +116,18 @@ class KLTaskLoss:
 
 
 class CETaskLoss:
-    """Next-token cross-entropy at the batch's masked positions."""
+    """Next-token cross-entropy at the batch's masked positions (the task's own targets when
+    the batch has them)."""
 
     def prepare(self, idx: Tensor) -> None:
         pass
 
     def __call__(self, logits: Tensor, batch: Batch) -> tuple[Float[Tensor, ""], float]:
+        if TARGETS_KEY in batch:
+            logp = target_log_probs(logits, batch[TARGETS_KEY], batch["loss_mask"])
+            if not logp.numel():
+                raise ValueError("loss_mask selects no position with a target")
+            return -logp.mean(), float(logp.numel())
         loss = cross_entropy(logits, batch["tokens"], batch["loss_mask"])
         return loss, float(next_token_mask(batch["loss_mask"])[:, :-1].sum())
 

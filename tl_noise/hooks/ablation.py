@@ -12,8 +12,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from jaxtyping import Bool, Int
+from jaxtyping import Int
 from torch import Tensor
 
 from tl_noise.devices import model_device
@@ -26,11 +25,6 @@ def eval_batches(n: int, batch_size: int) -> list[Tensor]:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise TLNoiseValueError(f"batch_size={batch_size!r}; expected an int >= 1")
     return [torch.arange(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
-
-
-def next_token_positions(loss_mask: Bool[Tensor, "b pos"]) -> Bool[Tensor, "b pos_minus_1"]:
-    """The masked positions ``t`` that have a next token ``t + 1`` (the last position has none)."""
-    return loss_mask[:, :-1]
 
 
 FwdHooks = list[tuple[str, Callable[..., Any]]]
@@ -106,12 +100,3 @@ def ablation_hooks(means: dict[str, Tensor], ablated: Iterable[str]) -> FwdHooks
 
         hooks.append((name, patch_mlp))
     return hooks
-
-
-def target_log_probs(
-    logits: Tensor, tokens: Int[Tensor, "b pos"], mask: Bool[Tensor, "b pos"]
-) -> Tensor:
-    """``log p(tokens[t + 1])`` at every masked position ``t`` that has a next token."""
-    keep = next_token_positions(mask)
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    return logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)[keep]

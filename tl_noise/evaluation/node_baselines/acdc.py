@@ -37,12 +37,13 @@ def acdc_greedy_scores(
     corrupted_tokens: Int[Tensor, "n pos"] | None = None,
     *,
     batch_size: int = 64,
+    targets: Int[Tensor, "n pos"] | None = None,
 ) -> NodeScores:
     """Scores = greedy removal step (module doc); ``corrupted_tokens`` is not used (removal is
     mean ablation, as in the evaluator)."""
     watch = Stopwatch()
-    check_data(tokens, loss_mask)
-    evaluator = CircuitEvaluator(model, tokens, loss_mask, batch_size=batch_size)
+    targets = check_data(model, tokens, loss_mask, targets)
+    evaluator = CircuitEvaluator(model, tokens, loss_mask, batch_size=batch_size, targets=targets)
     current = list(evaluator.nodes)
     path: list[tuple[str, float]] = []
     while len(current) > 1:

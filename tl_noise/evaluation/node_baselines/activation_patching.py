@@ -61,26 +61,27 @@ def activation_patching_scores(
     absolute: bool = True,
     batch_size: int = 64,
     seed: int = 0,
+    targets: Int[Tensor, "n pos"] | None = None,
 ) -> NodeScores:
     """``s_v = m(x~, a_v <- a_v(x)) - m(x~)`` for every node (module doc)."""
     watch = Stopwatch()
-    check_data(tokens, loss_mask)
+    targets = check_data(model, tokens, loss_mask, targets)
     corrupt, source = counterfactual(tokens, corrupted_tokens, seed)
     sites = node_sites(model)
     nodes = [v for s in sites for v in s.nodes]
-    device, count = model_device(model), n_targets(loss_mask)
+    device, count = model_device(model), n_targets(loss_mask, targets)
     clean_sum, corrupt_sum = 0.0, 0.0
     patched = dict.fromkeys(nodes, 0.0)
     for index in eval_batches(tokens.shape[0], batch_size):
-        x, x_bad, mask = (t[index].to(device) for t in (tokens, corrupt, loss_mask))
+        x, x_bad, mask, y = (t[index].to(device) for t in (tokens, corrupt, loss_mask, targets))
         logits, acts = capture(model, x, sites)
-        clean_sum += float(target_log_probs(logits, x, mask).sum())
-        corrupt_sum += float(target_log_probs(model(x_bad), x, mask).sum())
+        clean_sum += float(target_log_probs(logits, y, mask).sum())
+        corrupt_sum += float(target_log_probs(model(x_bad), y, mask).sum())
         for site in sites:
             for node in site.nodes:
                 hooks = [(site.hook, patch_hook(site, node, acts[site.hook]))]
                 logits = model.run_with_hooks(x_bad, fwd_hooks=hooks)
-                patched[node] += float(target_log_probs(logits, x, mask).sum())
+                patched[node] += float(target_log_probs(logits, y, mask).sum())
     corrupt_metric = corrupt_sum / count
     signed = {v: patched[v] / count - corrupt_metric for v in nodes}
     scores = {v: abs(s) for v, s in signed.items()} if absolute else dict(signed)

@@ -88,7 +88,7 @@ def _result(signed: dict[str, float], absolute: bool, watch: Stopwatch, forwards
 
 
 def _batch_attribution(model: Any, sites: list[Site], x: Tensor, x_bad: Tensor, mask: Tensor,
-                       count: int) -> dict[str, Tensor]:  # fmt: skip
+                       y: Tensor, count: int) -> dict[str, Tensor]:  # fmt: skip
     """Per site, ``sum (a(x) - a(x~)) * dm_B/da |x~`` per node (float64, ``[n_nodes]``), with
     ``m_B`` the batch's share of the metric."""
     _, clean = capture(model, x, sites)
@@ -105,7 +105,7 @@ def _batch_attribution(model: Any, sites: list[Site], x: Tensor, x_bad: Tensor, 
 
     with torch.enable_grad():
         logits = model.run_with_hooks(x_bad, fwd_hooks=[(s.hook, offset(s.hook)) for s in sites])
-        metric = target_log_probs(logits, x, mask).sum() / count
+        metric = target_log_probs(logits, y, mask).sum() / count
         grads = torch.autograd.grad(metric, [deltas[s.hook] for s in sites], allow_unused=True)
     out = {}
     for site, grad in zip(sites, grads, strict=True):
@@ -126,17 +126,18 @@ def private_attribution_patching(
     absolute: bool = True,
     batch_size: int = 64,
     seed: int = 0,
+    targets: Int[Tensor, "n pos"] | None = None,
 ) -> NodeScores:
     """``s_v`` of the module doc, batched, gradients through zero offsets (3.x and 4.x)."""
     watch = Stopwatch()
-    check_data(tokens, loss_mask)
+    targets = check_data(model, tokens, loss_mask, targets)
     corrupt, source = counterfactual(tokens, corrupted_tokens, seed)
     sites = node_sites(model)
-    device, count = model_device(model), n_targets(loss_mask)
+    device, count = model_device(model), n_targets(loss_mask, targets)
     totals = {s.hook: torch.zeros(len(s.nodes), dtype=torch.float64) for s in sites}
     for index in eval_batches(tokens.shape[0], batch_size):
-        x, x_bad, mask = (t[index].to(device) for t in (tokens, corrupt, loss_mask))
-        for hook, value in _batch_attribution(model, sites, x, x_bad, mask, count).items():
+        x, x_bad, mask, y = (t[index].to(device) for t in (tokens, corrupt, loss_mask, targets))
+        for hook, value in _batch_attribution(model, sites, x, x_bad, mask, y, count).items():
             totals[hook] += value
     signed = {v: float(totals[s.hook][j]) for s in sites for j, v in enumerate(s.nodes)}
     return _result(signed, absolute, watch, FORWARDS, backend="private", corruption=source)
@@ -151,16 +152,16 @@ def _node_name(node: Any) -> str | None:
     return None
 
 
-def _tl_signed(model: Any, tokens: Tensor, loss_mask: Tensor, corrupt: Tensor) -> tuple[
-    dict[str, float], float]:  # fmt: skip
+def _tl_signed(model: Any, tokens: Tensor, loss_mask: Tensor, corrupt: Tensor,
+               targets: Tensor) -> tuple[dict[str, float], float]:  # fmt: skip
     """Signed scores from TL's ``attribution_patch`` (one call per row) and the forwards."""
     tool = importlib.import_module(TL_TOOL)
     config = tool.EdgeAttributionConfig(granularity="node")
     nodes = [v for s in node_sites(model) for v in s.nodes]
     signed = dict.fromkeys(nodes, 0.0)
-    device, count, n = model_device(model), n_targets(loss_mask), tokens.shape[0]
-    targets = target_mask(loss_mask)
-    rows = [i for i in range(n) if bool(targets[i].any())]  # a row without targets adds 0
+    device, count, n = model_device(model), n_targets(loss_mask, targets), tokens.shape[0]
+    counted = target_mask(loss_mask, targets)
+    rows = [i for i in range(n) if bool(counted[i].any())]  # a row without targets adds 0
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     try:
@@ -169,9 +170,10 @@ def _tl_signed(model: Any, tokens: Tensor, loss_mask: Tensor, corrupt: Tensor) -
         with torch.enable_grad():
             for i in rows:
                 x, mask = tokens[i : i + 1].to(device), loss_mask[i : i + 1].to(device)
+                y = targets[i : i + 1].to(device)
 
-                def metric_fn(logits: Tensor, x: Tensor = x, mask: Tensor = mask) -> Tensor:
-                    return target_log_probs(logits, x, mask).sum() / count
+                def metric_fn(logits: Tensor, y: Tensor = y, mask: Tensor = mask) -> Tensor:
+                    return target_log_probs(logits, y, mask).sum() / count
 
                 result = tool.attribution_patch(model, x, corrupt[i : i + 1].to(device),
                                                 metric_fn, config)  # fmt: skip
@@ -193,15 +195,16 @@ def tl_attribution_patching(
     *,
     absolute: bool = True,
     seed: int = 0,
+    targets: Int[Tensor, "n pos"] | None = None,
 ) -> NodeScores:
     """``s_v`` of the module doc from TransformerLens' own tool (ImportError where it is
     missing: use :func:`attribution_patching` to fall back)."""
     watch = Stopwatch()
-    check_data(tokens, loss_mask)
+    targets = check_data(model, tokens, loss_mask, targets)
     if not tl_tool_available():
         raise ImportError(f"{TL_TOOL} is not available in this TransformerLens")
     corrupt, source = counterfactual(tokens, corrupted_tokens, seed)
-    signed, forwards = _tl_signed(model, tokens, loss_mask, corrupt)
+    signed, forwards = _tl_signed(model, tokens, loss_mask, corrupt, targets)
     return _result(signed, absolute, watch, forwards, backend="tl", corruption=source)
 
 
@@ -214,13 +217,14 @@ def attribution_patching_scores(
     absolute: bool = True,
     batch_size: int = 64,
     seed: int = 0,
+    targets: Int[Tensor, "n pos"] | None = None,
 ) -> NodeScores:
     """TL's attribution patching where it exists (4.3, 3.9) and applies (its node graph requires
     every layer's ``hook_mlp_out``: attention-only models get the private one too), the private
     one otherwise."""
     if tl_tool_available() and has_mlps(model):
         return tl_attribution_patching(model, tokens, loss_mask, corrupted_tokens,
-                                       absolute=absolute, seed=seed)  # fmt: skip
+                                       absolute=absolute, seed=seed, targets=targets)  # fmt: skip
     return private_attribution_patching(model, tokens, loss_mask, corrupted_tokens,
                                         absolute=absolute, batch_size=batch_size,
-                                        seed=seed)  # fmt: skip
+                                        seed=seed, targets=targets)  # fmt: skip

@@ -35,7 +35,7 @@ from torch import Tensor
 from tl_noise.errors import TLNoiseValueError
 from tl_noise.evaluation.ablation import resampled_index
 from tl_noise.evaluation.nodes import circuit_nodes, node_ranking
-from tl_noise.fitting.objectives import next_token_mask
+from tl_noise.hooks.targets import resolve_targets, target_positions
 from tl_noise.names import parse_node
 
 
@@ -84,17 +84,20 @@ class Stopwatch:
         return time.perf_counter() - self.start
 
 
-def check_data(tokens: Tensor, loss_mask: Tensor) -> None:
+def check_data(
+    model: Any, tokens: Tensor, loss_mask: Tensor, targets: Tensor | None = None
+) -> Int[Tensor, "n pos"]:
     """The evaluator's rules: ``loss_mask`` a bool tensor shaped like ``tokens`` that selects at
-    least one position with a next token (TLNoiseValueError otherwise)."""
+    least one position with a target (TLNoiseValueError otherwise). Returns the targets
+    (:func:`tl_noise.hooks.targets.resolve_targets`: ``targets``, else the next tokens, else the
+    clean model's argmax)."""
     if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.is_floating_point():
         raise TLNoiseValueError("tokens must be an integer tensor [n, pos]")
     if tokens.shape != loss_mask.shape or loss_mask.dtype != torch.bool:
         raise TLNoiseValueError(
             f"loss_mask must be a bool tensor shaped like the tokens {list(tokens.shape)}"
         )
-    if not bool(next_token_mask(loss_mask)[:, :-1].any()):
-        raise TLNoiseValueError("loss_mask selects no position with a next token")
+    return resolve_targets(model, tokens, loss_mask, targets)
 
 
 def counterfactual(
@@ -113,25 +116,26 @@ def counterfactual(
     return corrupted_tokens, "given"
 
 
-def target_mask(loss_mask: Bool[Tensor, "b pos"]) -> Bool[Tensor, "b pos"]:
-    """Positions ``t`` whose prediction of token ``t + 1`` counts (``loss_mask`` without the last
-    position, as in the evaluator)."""
-    return next_token_mask(loss_mask)
+def target_mask(loss_mask: Bool[Tensor, "b pos"], targets: Int[Tensor, "b pos"]) -> Bool[
+        Tensor, "b pos"]:  # fmt: skip
+    """Positions ``t`` whose prediction counts (``loss_mask`` where there is a target, as in the
+    evaluator: with next-token targets the last position has none)."""
+    return target_positions(loss_mask, targets)
 
 
 def target_log_probs(
-    logits: Float[Tensor, "b pos vocab"], tokens: Int[Tensor, "b pos"], loss_mask: Tensor
+    logits: Float[Tensor, "b pos vocab"], targets: Int[Tensor, "b pos"], loss_mask: Tensor
 ) -> Float[Tensor, " m"]:
-    """``log p(tokens[i, t + 1])`` at every target position ``(i, t)`` (row-major order), the
+    """``log p(targets[i, t])`` at every target position ``(i, t)`` (row-major order), the
     terms of the evaluator's metric."""
-    keep = target_mask(loss_mask)[:, :-1]
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    return logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)[keep]
+    keep = target_mask(loss_mask, targets)
+    logp = F.log_softmax(logits[keep].float(), dim=-1)
+    return logp.gather(-1, targets[keep][:, None]).squeeze(-1)
 
 
-def n_targets(loss_mask: Tensor) -> int:
+def n_targets(loss_mask: Tensor, targets: Tensor) -> int:
     """``|T|``, the number of target positions of the evaluation set."""
-    return int(target_mask(loss_mask)[:, :-1].sum())
+    return int(target_mask(loss_mask, targets).sum())
 
 
 @dataclass(frozen=True)

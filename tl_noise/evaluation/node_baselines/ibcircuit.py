@@ -107,17 +107,20 @@ def ibcircuit_scores(
     init: float = 5.0,
     batch_size: int = 32,
     seed: int = 0,
+    targets: Int[Tensor, "n pos"] | None = None,
 ) -> NodeScores:
     """Scores = ``w_v = logit(lam_v)`` after fitting the bottleneck (module doc);
     ``corrupted_tokens`` is not used (the noise is drawn from each node's own marginal)."""
     watch = Stopwatch()
-    check_data(tokens, loss_mask)
+    targets = check_data(model, tokens, loss_mask, targets)
     check_objective(objective)
     sites = node_sites(model)
     nodes = [v for s in sites for v in s.nodes]
     means = node_means(model, tokens, batch_size)
     sums: dict[str, Tensor] = {}
-    reference = Reference(model, tokens, loss_mask, batch_size, variance_hooks(means, sums))
+    reference = Reference(
+        model, tokens, loss_mask, targets, batch_size, variance_hooks(means, sums)
+    )
     count = tokens.shape[0] * tokens.shape[1]
     sds = {name: (sums[name] / count).sqrt().float() for name in means}
     device = model_device(model)
@@ -129,9 +132,9 @@ def ibcircuit_scores(
         caps: list[Tensor] = []
         hooks = [(s.hook, bottleneck_hook(s, lam, log_v, means[s.hook], sds[s.hook], caps,
                                           generator)) for s in sites]  # fmt: skip
-        x, m = tokens[index].to(device), loss_mask[index].to(device)
+        x, m, y = (t[index].to(device) for t in (tokens, loss_mask, targets))
         logits = model.run_with_hooks(x, fwd_hooks=hooks)
-        fit = task_loss(objective, logits, x, m, reference.rows(index))
+        fit = task_loss(objective, logits, y, m, reference.rows(index))
         return beta * fit + capacity * torch.cat(caps).mean()
 
     batches = minibatches(tokens.shape[0], batch_size, steps, seed)

@@ -41,7 +41,8 @@ class Reference:
     Memory: ``|T| x d_vocab`` floats.
     """
 
-    def __init__(self, model: Any, tokens: Tensor, loss_mask: Tensor, batch_size: int,
+    def __init__(self, model: Any, tokens: Tensor, loss_mask: Tensor, targets: Tensor,
+                 batch_size: int,
                  fwd_hooks: Sequence[tuple[str, Callable[..., Any]]] = ()) -> None:  # fmt: skip
         device = model_device(model)
         parts, counts = [], []
@@ -49,8 +50,8 @@ class Reference:
             for index in eval_batches(tokens.shape[0], batch_size):
                 x, mask = tokens[index].to(device), loss_mask[index].to(device)
                 logits = model.run_with_hooks(x, fwd_hooks=list(fwd_hooks))
-                keep = target_mask(mask)[:, :-1]
-                parts.append(F.log_softmax(logits[:, :-1][keep].float(), dim=-1))
+                keep = target_mask(mask, targets[index].to(device))
+                parts.append(F.log_softmax(logits[keep].float(), dim=-1))
                 counts.append(keep.sum(1).cpu())
         self.log_probs = torch.cat(parts)
         self.start = torch.cat([torch.zeros(1, dtype=torch.long), torch.cat(counts).cumsum(0)])
@@ -61,13 +62,13 @@ class Reference:
                           for i in index.tolist()])  # fmt: skip
 
 
-def task_loss(objective: str, logits: Tensor, tokens: Tensor, loss_mask: Tensor,
+def task_loss(objective: str, logits: Tensor, targets: Tensor, loss_mask: Tensor,
               reference: Tensor) -> Tensor:  # fmt: skip
     """The batch's task loss (module doc); ``reference``: :meth:`Reference.rows` of the batch."""
     if objective == "logprob":
-        return -target_log_probs(logits, tokens, loss_mask).mean()
-    keep = target_mask(loss_mask)[:, :-1]
-    q = F.log_softmax(logits[:, :-1][keep].float(), dim=-1)
+        return -target_log_probs(logits, targets, loss_mask).mean()
+    keep = target_mask(loss_mask, targets)
+    q = F.log_softmax(logits[keep].float(), dim=-1)
     return F.kl_div(q, reference.to(q.device), log_target=True, reduction="batchmean")
 
 

@@ -41,12 +41,13 @@ def mean_ablation_scores(
     *,
     absolute: bool = False,
     batch_size: int = 64,
+    targets: Int[Tensor, "n pos"] | None = None,
 ) -> NodeScores:
     """``s_v = m(N) - m(N \\ {v})`` for every node ``v`` (module doc); ``corrupted_tokens`` is
     not used (mean ablation needs no counterfactual)."""
     watch = Stopwatch()
-    check_data(tokens, loss_mask)
-    evaluator = CircuitEvaluator(model, tokens, loss_mask, batch_size=batch_size)
+    targets = check_data(model, tokens, loss_mask, targets)
+    evaluator = CircuitEvaluator(model, tokens, loss_mask, batch_size=batch_size, targets=targets)
     nodes = evaluator.nodes
     signed = {v: evaluator.clean_metric - evaluator.metric([u for u in nodes if u != v])
               for v in nodes}  # fmt: skip

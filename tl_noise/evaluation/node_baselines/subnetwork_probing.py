@@ -93,16 +93,17 @@ def subnetwork_probing_scores(
     init: float = 3.0,
     batch_size: int = 32,
     seed: int = 0,
+    targets: Int[Tensor, "n pos"] | None = None,
 ) -> NodeScores:
     """Scores = learned hard-concrete logits ``log alpha_v`` (module doc); ``corrupted_tokens``
     is not used (the masks interpolate towards the mean)."""
     watch = Stopwatch()
-    check_data(tokens, loss_mask)
+    targets = check_data(model, tokens, loss_mask, targets)
     check_objective(objective)
     sites = node_sites(model)
     nodes = [v for s in sites for v in s.nodes]
     means = node_means(model, tokens, batch_size)
-    reference = Reference(model, tokens, loss_mask, batch_size)
+    reference = Reference(model, tokens, loss_mask, targets, batch_size)
     device = model_device(model)
     log_alpha = torch.full((len(nodes),), float(init), device=device, requires_grad=True)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -110,9 +111,9 @@ def subnetwork_probing_scores(
     def loss_fn(index: Tensor) -> Tensor:
         mask = sample_mask(log_alpha, len(index), generator)
         hooks = [(s.hook, mask_hook(s, mask, means[s.hook])) for s in sites]
-        x, m = tokens[index].to(device), loss_mask[index].to(device)
+        x, m, y = (t[index].to(device) for t in (tokens, loss_mask, targets))
         logits = model.run_with_hooks(x, fwd_hooks=hooks)
-        fit = task_loss(objective, logits, x, m, reference.rows(index))
+        fit = task_loss(objective, logits, y, m, reference.rows(index))
         return fit + l0_weight * (expected_density(log_alpha) - sparsity) ** 2
 
     batches = minibatches(tokens.shape[0], batch_size, steps, seed)
