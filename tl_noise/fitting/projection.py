@@ -120,8 +120,13 @@ def _norm(xs: Vector, **norm_kwargs: Any) -> Float[Tensor, ""]:
 
 
 def _order(xs: Vector, ys: Vector, **norm_kwargs: Any) -> tuple[Vector, Vector, bool]:
-    """``(smaller, larger, swapped)``; ``ys`` comes first only if its norm is strictly smaller."""
-    if _norm(ys, **norm_kwargs) < _norm(xs, **norm_kwargs):
+    """``(smaller, larger, swapped)``; ``ys`` comes first only if its norm is smaller by more
+    than rounding: norms within ``16 sqrt(numel) eps`` (relative) are a tie, so a vector and a
+    permutation of it tie however their pieces are summed (one tensor or a list of them)."""
+    a, b = _norm(ys, **norm_kwargs), _norm(xs, **norm_kwargs)
+    numel = sum(x.numel() for x in xs)
+    slack = 16 * math.sqrt(max(numel, 1)) * torch.finfo(a.dtype).eps
+    if a < b * (1 - slack):
         return ys, xs, True
     return xs, ys, False
 
