@@ -99,13 +99,14 @@ def test_bad_targets_name_the_problem(program, bad, message):
         CircuitEvaluator(program, tokens, mask, targets=bad(targets))
 
 
-def test_no_counted_position_is_refused(lm, program):
+def test_only_last_positions_are_judged_against_the_clean_argmax(lm):
     tokens, mask = data()
     last_only = torch.zeros_like(mask)
-    last_only[:, -1] = True
-    with pytest.raises(TLNoiseValueError, match="no position with a next token"):
-        CircuitEvaluator(lm, tokens, last_only)
-    CircuitEvaluator(program, tokens, last_only)  # a compiled output has a target there
+    last_only[:, -1] = True  # a prompt whose answer follows it (IOI): no next token in the data
+    targets = resolve_targets(lm, tokens, last_only)
+    assert torch.equal(targets, lm(tokens).argmax(-1))
+    with pytest.raises(TLNoiseValueError, match="selects no position"):
+        CircuitEvaluator(lm, tokens, torch.zeros_like(mask))
 
 
 def test_baselines_and_fit_run_on_a_model_with_its_own_outputs(program):

@@ -90,7 +90,10 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             for row in rows.values():
                 if "scores" in row:
                     row.setdefault("curves", {})[ablation] = curve(ev, row["scores"])
-    labels = edge_labels(name, len(tokens), edges) if name != HF else None
+    if hasattr(bench, "live_nodes"):  # a compiled program: its exact edges
+        labels = {"positive": bench.edges, "constant": bench.labels.get("constant_edges", [])}
+    else:
+        labels = edge_labels(name, len(tokens), edges) if name != HF else None
     for row in rows.values():
         if "scores" not in row:
             continue

@@ -27,6 +27,7 @@ import torch
 
 from benchmarks.quality.methods import methods, node_count
 from tl_noise.evaluation import exact
+from tl_noise.evaluation.metrics import roc_auc
 from tl_noise.evaluation.nodes import circuit_nodes, node_ranking
 from tl_noise.zoo import EVAL_N, EVAL_SEED, exact_table_path, list_benchmarks, load_benchmark
 
@@ -35,7 +36,12 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__)
-    p.add_argument("--models", nargs="+", default=[m for m in list_benchmarks()])
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=[m for m in list_benchmarks()],
+        help="zoo models, or tracr-NAME for a compiled program (tl_noise.zoo.compiled)",
+    )
     p.add_argument("--methods", nargs="+", help="method names (default: all)")
     p.add_argument("--n", type=int, default=EVAL_N, help="evaluation sequences")
     p.add_argument("--no-slow", action="store_true", help="skip ACDC-style greedy elimination")
@@ -50,7 +56,9 @@ def exact_table(
     """The exact table of ``name`` on this evaluation set: the shipped one for the standard set
     (:func:`tl_noise.zoo.exact_table_path`), else computed once and cached in the results."""
     shipped = exact_table_path(name)
-    folder = shipped if len(tokens) == EVAL_N else cache / f"exact-{name}-n{len(tokens)}"
+    trained = name in list_benchmarks()  # compiled programs' tables are cached, never shipped
+    standard = trained and len(tokens) == EVAL_N
+    folder = shipped if standard else cache / f"exact-{name}-n{len(tokens)}"
     if (folder / "exact_table.json").is_file():
         return exact.ExactTable.load(folder)
     began = time.perf_counter()
@@ -74,6 +82,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     nodes = circuit_nodes(model)
     print(f"\n== {name}: {len(nodes)} nodes ({node_count(model)}), {len(tokens)} sequences")
     table = exact_table(name, model, tokens, mask, args.json.parent)
+    live = getattr(bench, "live_nodes", None)
     rows = {}
     for method, run in methods(include_slow=not args.no_slow).items():
         if args.methods and method not in args.methods:
@@ -81,18 +90,21 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         result = run(model, tokens, mask, corrupted)
         row = judge(table, result.scores)
         row.update(seconds=result.seconds, forwards=result.forwards, scores=result.scores)
+        if live is not None:  # a compiled program: AUC against its live heads and MLPs
+            row["roc_auc_live"] = roc_auc(torch.tensor([result.scores[v] for v in nodes]),
+                                          torch.tensor([v in live for v in nodes]))  # fmt: skip
         rows[method] = row
         print_row(method, row)
     ceiling = exact.judge_ranking(table, exact.ranking_ceiling(table)[0], None)
     print(f"{'(ranking ceiling)':34} {ceiling['area_ratio']:6.3f} {ceiling['cmd']:6.3f} "
           f"{ceiling['cpr']:6.3f} {ceiling['k90']!s:>4}  k90*={ceiling['k90_star']}")  # fmt: skip
-    return {"nodes": nodes, "methods": rows, "ceiling": ceiling,
+    return {"nodes": nodes, "methods": rows, "ceiling": ceiling, "live_nodes": live,
             "optimum": exact.optimum_curve(table)[0].tolist(),
             "k90_star": exact.k90_star(table)}  # fmt: skip
 
 
 HEADER = (f"{'method':34} {'area':>6} {'CMD':>6} {'CPR':>6} {'k90':>4} {'AUC':>6} {'s':>7} "
-          f"{'fwd':>8}")  # fmt: skip
+          f"{'fwd':>8} {'AUC-live':>8}")  # fmt: skip
 
 
 def print_row(method: str, row: dict[str, Any]) -> None:
@@ -100,8 +112,9 @@ def print_row(method: str, row: dict[str, Any]) -> None:
         print(HEADER)
     k90 = "-" if row.get("k90") is None else str(row["k90"])
     auc = float("nan") if row.get("roc_auc") is None else row["roc_auc"]
+    live = "" if row.get("roc_auc_live") is None else f" {row['roc_auc_live']:8.3f}"
     print(f"{method:34} {row['area_ratio']:6.3f} {row['cmd']:6.3f} {row['cpr']:6.3f} {k90:>4} "
-          f"{auc:6.3f} {row['seconds']:7.1f} {row['forwards']:8.1f}", flush=True)  # fmt: skip
+          f"{auc:6.3f} {row['seconds']:7.1f} {row['forwards']:8.1f}{live}", flush=True)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -8,8 +8,10 @@ position ``t`` over its own output vocabulary, a classifier) is judged against *
 ``log p(targets[i, t])`` over the positions that ``loss_mask`` selects and that have a target.
 
 :func:`resolve_targets` picks them: the task's own when it has them, else the next tokens when the
-model predicts its input vocabulary (``d_vocab_out == d_vocab``), else the clean model's own
-argmax prediction (what the full model outputs is what its circuit must reproduce).
+model predicts its input vocabulary (``d_vocab_out == d_vocab``) and ``loss_mask`` selects a
+position that has a next token, else the clean model's own argmax prediction (what the full model
+outputs is what its circuit must reproduce: a compiled program's output, or the answer a prompt
+ending at its last position asks for).
 
 >>> next_token_targets(torch.tensor([[5, 6, 7]]))
 tensor([[ 6,  7, -1]])
@@ -118,11 +120,10 @@ def resolve_targets(
     when none of the positions ``loss_mask`` selects has one."""
     if targets is not None:
         targets = check_targets(model, tokens, loss_mask, targets)
-    elif predicts_next_token(model):
+    elif predicts_next_token(model) and bool(loss_mask[:, :-1].any()):
         targets = next_token_targets(tokens)
-    else:
+    else:  # outputs that are not input tokens, or only last positions (e.g. IOI's answer)
         targets = clean_predictions(model, tokens, batch_size)
     if not bool(target_positions(loss_mask, targets).any()):
-        what = "a next token" if predicts_next_token(model) else "a target"
-        raise TLNoiseValueError(f"loss_mask selects no position with {what}")
+        raise TLNoiseValueError("loss_mask selects no position")
     return targets

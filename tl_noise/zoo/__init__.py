@@ -47,10 +47,23 @@ from tl_noise.models import (
 )
 from tl_noise.tasks.base import Batch, Task
 from tl_noise.tasks.text import next_token_cross_entropy
+from tl_noise.zoo.compiled import CompiledProgram, list_compiled, load_compiled
 from tl_noise.zoo.generators import generate
+
+__all__ = [
+    "BENCHMARKS",
+    "Benchmark",
+    "COMPILED_PREFIX",
+    "CompiledProgram",
+    "list_benchmarks",
+    "list_compiled",
+    "load_benchmark",
+    "load_compiled",
+]
 
 DATA_DIR = Path(__file__).parent / "data"
 BENCHMARKS = ("induction", "backup", "distractor", "mlp")
+COMPILED_PREFIX = "tracr-"  # load_benchmark("tracr-reverse"): a compiled program
 EVAL_N, EVAL_SEED = 128, 1234  # the evaluation set of the benchmark and the demo
 
 
@@ -164,10 +177,15 @@ def load_weights(model: Any, state: dict[str, Tensor]) -> None:
         raise ValueError(f"benchmark weights do not fit the model: {err}") from err
 
 
-def load_benchmark(name: str, device: str | torch.device | None = None) -> Benchmark:
-    """The benchmark ``name`` (one of :func:`list_benchmarks`) on ``device`` (default CPU)."""
+def load_benchmark(name: str, device: str | torch.device | None = None) -> Any:
+    """The benchmark ``name`` (one of :func:`list_benchmarks`, or ``tracr-NAME`` for a compiled
+    program of :func:`~tl_noise.zoo.compiled.list_compiled`: a
+    :class:`~tl_noise.zoo.compiled.CompiledProgram`) on ``device`` (default CPU)."""
+    if name.startswith(COMPILED_PREFIX) and name[len(COMPILED_PREFIX) :] in list_compiled():
+        return load_compiled(name[len(COMPILED_PREFIX) :], device)
     if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+        known = [*BENCHMARKS, *(COMPILED_PREFIX + c for c in list_compiled())]
+        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(known)}")
     folder = EMBEDDED_DIR if name == "induction" else DATA_DIR
     stem = EMBEDDED_MODEL if name == "induction" else name
     meta = read_json(folder / f"{stem}.json", f"benchmark {name!r} description")
