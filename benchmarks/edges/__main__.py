@@ -101,6 +101,9 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             row["extract"] = extract(model, tokens, mask, row["scores"])
         if labels is not None:
             row["roc_auc"] = edge_auc(row["scores"], edges, labels["positive"])
+        if labels is not None and labels.get("constant"):  # without BOS / `one`-only reads
+            rest = [e for e in edges if e not in set(labels["constant"])]
+            row["roc_auc_nonconstant"] = edge_auc(row["scores"], rest, labels["positive"])
     for method, row in rows.items():
         print_row(method, row, args.ablations)
     out = {"n_edges": len(edges), "n_examples": len(tokens), "model": info, "labels": labels,
