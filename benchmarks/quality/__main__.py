@@ -90,7 +90,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         result = run(model, tokens, mask, corrupted)
         row = judge(table, result.scores)
         row.update(seconds=result.seconds, forwards=result.forwards, scores=result.scores)
-        if live is not None:  # a compiled program: AUC against its live heads and MLPs
+        if live is not None and 0 < len(live) < len(nodes):  # a compiled program's live nodes
             row["roc_auc_live"] = roc_auc(torch.tensor([result.scores[v] for v in nodes]),
                                           torch.tensor([v in live for v in nodes]))  # fmt: skip
         rows[method] = row
