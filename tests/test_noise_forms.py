@@ -9,6 +9,7 @@ import torch
 from conftest import TINY, TL_MAJOR, freeze, tiny_data
 
 import tl_noise as tn
+from tl_noise.hooks.importance import DEAD_MARGIN, std_node_scores
 from tl_noise.models import build_native_model
 from tl_noise.noise import DirectStandardDeviationParameterization, NoiseLayer
 
@@ -54,6 +55,20 @@ def test_a_dead_mlp_gets_no_noise_and_ranks_last(form):
         f"a1.h{h}" for h in range(4)
     ] + ["m1"]  # fmt: skip
     assert min(scores, key=scores.get) == "m0"
+
+
+def test_a_dead_node_scores_below_every_live_one_whatever_its_std():
+    """No noise reaches it, so no task gradient reaches its std: whatever value the std takes
+    says nothing about the node (on compiled programs such stds outranked live nodes)."""
+    model = dead_mlp_model()
+    tokens, mask = tiny_data()
+    hooks = ["blocks.*.attn.hook_z", "blocks.*.hook_mlp_out"]
+    with tn.attach_noise(model, hooks, calibration_tokens=tokens) as noise:
+        tn.fit(model, noise, tokens, loss_mask=mask, steps=30, batch_size=24, quiet=True,
+               refine_window=0)  # fmt: skip
+        scores = std_node_scores(noise)
+    live = {n: v for n, v in scores.items() if n != "m0"}
+    assert scores["m0"] == min(live.values()) - DEAD_MARGIN
 
 
 def test_constant_residual_features_get_no_noise():

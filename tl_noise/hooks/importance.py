@@ -5,6 +5,10 @@ tolerates only tiny noise is one the behaviour depends on. Its score is ``-log(s
 geometrically over the node's features and positions and over every noised hook of the node
 (``hook_z``, ``hook_q``... of one head; ``hook_mlp_out`` and ``mlp.hook_post`` of one MLP).
 
+A node whose every unit never varies (a dead head, an empty MLP: natural scale 0 under relative
+noise) carries no information and gets no noise whatever its std, so no task gradient informs that
+std: it scores lowest, ``DEAD_MARGIN`` below the lowest live node (ties in node order).
+
 When :func:`tl_noise.fit` derived a ranking of its own (a path or a refinement, recorded in
 ``noise.node_scores``), :func:`node_importance` returns that instead: it is what the default fit
 answers.
@@ -38,6 +42,18 @@ def _log_std_per_node(name: str, std: Tensor, n_heads: int, per_position: bool) 
     return {nodes[0]: float(logs.mean())}
 
 
+DEAD_MARGIN = 1.0
+
+
+def _dead_nodes(name: str, scale: Tensor, n_heads: int) -> set[str]:
+    """The nodes of hook ``name`` whose natural scale is zero in every unit."""
+    nodes = hook_nodes(name, n_heads)
+    if len(nodes) > 1:  # a per-head hook: the unit shape starts with the heads
+        alive = scale.reshape(n_heads, -1).abs().amax(-1) > 0
+        return {node for i, node in enumerate(nodes) if not bool(alive[i])}
+    return set(nodes) if not bool((scale.abs() > 0).any()) else set()
+
+
 def std_node_scores(noise: NoiseHooks) -> dict[str, float]:
     """``-log std`` per node from the current stds, in node order (see module doc); for edge
     noise, each node's best outgoing edge (:meth:`tl_noise.edges.EdgeNoise.std_node_scores`)."""
@@ -45,11 +61,18 @@ def std_node_scores(noise: NoiseHooks) -> dict[str, float]:
         return noise.std_node_scores()  # type: ignore[operator]
     n_heads = int(noise.model.cfg.n_heads)
     sums: dict[str, list[float]] = {}
+    dead: dict[str, bool] = {}
     for name, std in noise.stds().items():
-        per_position = noise.layer(name).n_positions is not None
+        layer = noise.layer(name)
+        per_position = layer.n_positions is not None
+        lifeless = _dead_nodes(name, layer.natural_scale, n_heads) if layer.relative else set()
         for node, value in _log_std_per_node(name, std, n_heads, per_position).items():
             sums.setdefault(node, []).append(value)
+            dead[node] = dead.get(node, True) and node in lifeless
     scores = {node: -sum(v) / len(v) for node, v in sums.items()}
+    live = [scores[n] for n in scores if not dead[n]]
+    floor = (min(live) if live else 0.0) - DEAD_MARGIN
+    scores = {n: floor if dead[n] else value for n, value in scores.items()}
     return {node: scores[node] for node in sorted(scores, key=node_sort_key)}
 
 
