@@ -39,6 +39,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_noise.devices import model_device
+from tl_noise.edges.draws import add_noise
 from tl_noise.edges.graph import LOGITS_BLOCK, EdgeGraph, attn_block, mlp_block
 from tl_noise.edges.store import WriterStore
 from tl_noise.edges.weights import ReaderWeights, check_edge_model
@@ -179,14 +180,10 @@ class EdgeNoise(NoiseHooks):
         if self._fixed is None and self.layer(block).mode == "sample":
             scale = self.writer_scale[:n_writers].to(x.dtype)
             std = (sigma.square() @ scale.square()).clamp_min(1e-30).sqrt()  # [readers, d_model]
-            # a data-parallel rank draws the whole global batch's noise and keeps its rows
-            batch = x.shape[0]
-            offset, total = self.layer(block).batch_shard or (0, batch)
-            eps = torch.cat([torch.randn(
-                (total, x.shape[1], n, x.shape[-1]), generator=self.generator(x.device),
-                device=x.device, dtype=torch.float32,
-            )[offset : offset + batch].permute(2, 0, 1, 3) for n in draws])  # fmt: skip
-            base, owned = torch.addcmul(x, std[:, None, None, :], eps.to(x.dtype)), True
+            # a data-parallel rank draws the whole global batch's noise and keeps its rows;
+            # the draws are made again in the backward, not kept (tl_noise.edges.draws)
+            generator, shard = self.generator(x.device), self.layer(block).batch_shard
+            base, owned = add_noise(x, std, generator, draws, shard), True
         if contract:
             assert self._store is not None
             return self._store.contract(sigma, base, owned)
