@@ -14,6 +14,7 @@ The thresholds are set well inside the values measured on the shipped files (not
 from __future__ import annotations
 
 import itertools
+import shutil
 import time
 
 import pytest
@@ -291,3 +292,14 @@ def test_single_node_ablation_ranks_differ_from_joint_importance(benches):
     top = sorted(nodes, key=lambda n: -single[n])[: len(copying)]
     assert len(copying & set(top)) < len(copying), (top, copying)
     assert all(k in bench.labels["pairs"] for k in map("+".join, itertools.combinations(nodes, 2)))
+
+
+def test_a_benchmark_loads_from_another_folder(tmp_path):
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(DATA_DIR / f"mlp{suffix}", tmp_path / f"mlp-heldout{suffix}")
+    held = load_benchmark("mlp-heldout", folder=tmp_path)
+    shipped = load_benchmark("mlp")
+    tokens = shipped.task(n=4, seed=0).tokens
+    assert torch.equal(held.model(tokens), shipped.model(tokens))
+    with pytest.raises(ValueError, match="no benchmark 'nope'"):
+        load_benchmark("nope", folder=tmp_path)

@@ -43,6 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="zoo models, or tracr-NAME for a compiled program (tl_noise.zoo.compiled)",
     )
     p.add_argument("--methods", nargs="+", help="method names (default: all)")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        help="models written by scripts/train_benchmarks.py "
+        "--out DIR (held out: exact tables computed and cached, never the shipped)",
+    )
     p.add_argument("--n", type=int, default=EVAL_N, help="evaluation sequences")
     p.add_argument("--no-slow", action="store_true", help="skip ACDC-style greedy elimination")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steady timings)")
@@ -51,18 +57,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def exact_table(
-    name: str, model: Any, tokens: torch.Tensor, mask: torch.Tensor, cache: Path = RESULTS
+    name: str,
+    model: Any,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    cache: Path = RESULTS,
+    folder: Path | None = None,
 ) -> Any:
     """The exact table of ``name`` on this evaluation set: the shipped one for the standard set
     (:func:`tl_noise.zoo.exact_table_path`), else computed once and cached in the results."""
     shipped = exact_table_path(name)
-    trained = name in list_benchmarks()  # compiled programs' tables are cached, never shipped
+    # compiled programs' and held-out models' tables are cached, never shipped
+    trained = name in list_benchmarks() and folder is None
     standard = trained and len(tokens) == EVAL_N
-    folder = shipped if standard else cache / f"exact-{name}-n{len(tokens)}"
-    if (folder / "exact_table.json").is_file():
-        return exact.ExactTable.load(folder)
+    tag = name if folder is None else f"{folder.name}-{name}"
+    where = shipped if standard else cache / f"exact-{tag}-n{len(tokens)}"
+    if (where / "exact_table.json").is_file():
+        return exact.ExactTable.load(where)
     began = time.perf_counter()
-    table = exact.compute_and_save(model, tokens, mask, folder, progress=False)
+    table = exact.compute_and_save(model, tokens, mask, where, progress=False)
     print(f"  exact table of {name}: 2^{len(table.nodes)} subsets in "
           f"{time.perf_counter() - began:.0f} s")  # fmt: skip
     return table
@@ -74,14 +87,14 @@ def judge(table: Any, scores: dict[str, float]) -> dict[str, Any]:
 
 
 def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    bench = load_benchmark(name)
+    bench = load_benchmark(name, folder=args.data_dir)
     model = bench.model
     task = bench.task(n=args.n, seed=EVAL_SEED)
     tokens, mask = task.tokens, task.loss_mask
     corrupted = bench.corrupted_tokens(task)
     nodes = circuit_nodes(model)
     print(f"\n== {name}: {len(nodes)} nodes ({node_count(model)}), {len(tokens)} sequences")
-    table = exact_table(name, model, tokens, mask, args.json.parent)
+    table = exact_table(name, model, tokens, mask, args.json.parent, args.data_dir)
     live = getattr(bench, "live_nodes", None)
     rows = {}
     for method, run in methods(include_slow=not args.no_slow).items():

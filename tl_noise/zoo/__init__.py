@@ -177,17 +177,28 @@ def load_weights(model: Any, state: dict[str, Tensor]) -> None:
         raise ValueError(f"benchmark weights do not fit the model: {err}") from err
 
 
-def load_benchmark(name: str, device: str | torch.device | None = None) -> Any:
+def load_benchmark(
+    name: str, device: str | torch.device | None = None, folder: str | Path | None = None
+) -> Any:
     """The benchmark ``name`` (one of :func:`list_benchmarks`, or ``tracr-NAME`` for a compiled
     program of :func:`~tl_noise.zoo.compiled.list_compiled`: a
-    :class:`~tl_noise.zoo.compiled.CompiledProgram`) on ``device`` (default CPU)."""
-    if name.startswith(COMPILED_PREFIX) and name[len(COMPILED_PREFIX) :] in list_compiled():
+    :class:`~tl_noise.zoo.compiled.CompiledProgram`) on ``device`` (default CPU).
+
+    ``folder``: read ``NAME.json`` / ``NAME.safetensors`` written by
+    ``scripts/train_benchmarks.py --out FOLDER`` there instead (e.g. a model trained with another
+    seed, held out from the choice of defaults); the name is then the file's stem."""
+    if folder is not None:
+        folder, stem = Path(folder), name
+        if not (folder / f"{stem}.json").is_file():
+            raise ValueError(f"no benchmark {name!r} in {folder} (expected {stem}.json)")
+    elif name.startswith(COMPILED_PREFIX) and name[len(COMPILED_PREFIX) :] in list_compiled():
         return load_compiled(name[len(COMPILED_PREFIX) :], device)
-    if name not in BENCHMARKS:
+    elif name not in BENCHMARKS:
         known = [*BENCHMARKS, *(COMPILED_PREFIX + c for c in list_compiled())]
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(known)}")
-    folder = EMBEDDED_DIR if name == "induction" else DATA_DIR
-    stem = EMBEDDED_MODEL if name == "induction" else name
+    else:
+        folder = EMBEDDED_DIR if name == "induction" else DATA_DIR
+        stem = EMBEDDED_MODEL if name == "induction" else name
     meta = read_json(folder / f"{stem}.json", f"benchmark {name!r} description")
     state = read_tensors(folder / f"{stem}.safetensors", f"benchmark {name!r} weights")
     tables = {k[len(TASK_PREFIX) :]: v for k, v in state.items() if k.startswith(TASK_PREFIX)}
