@@ -21,6 +21,7 @@ from torch import Tensor
 from tl_noise.devices import model_device
 from tl_noise.edges.graph import EdgeGraph
 from tl_noise.edges.noise import EdgeNoise
+from tl_noise.edges.refine import refined_scores
 from tl_noise.edges.weights import check_edge_model
 from tl_noise.errors import TLNoiseTypeError
 from tl_noise.hooks.attach import check_noise_arguments
@@ -92,9 +93,12 @@ def attach_edge_noise(
 
 def edge_importance(noise: NoiseHooks) -> dict[str, float]:
     """Importance of every edge, ``{"input->a0.h0<q>": ..., "a0.h1->m2": ..., "m2->logits":
-    ...}`` (MIB's names), higher = more important: ``-log std`` of the edge's fitted noise."""
+    ...}`` (MIB's names), higher = more important: ``-log std`` of the edge's fitted noise, in
+    the order :func:`tl_noise.fit` refined in context when it did (the exchanges recorded in
+    ``noise.ranking_info["swaps"]``: :mod:`tl_noise.edges.refine`)."""
     if not isinstance(noise, EdgeNoise):
         raise TLNoiseTypeError(
             f"edge_importance needs edge noise (tn.attach_edge_noise), got {type(noise).__name__}"
         )
-    return noise.edge_scores()
+    swaps = (noise.ranking_info or {}).get("swaps")
+    return refined_scores(noise.edge_scores(), swaps, list(noise.graph.locate()) if swaps else None)

@@ -82,7 +82,9 @@ class FitConfig:
         50, "stop once the node ranking has not changed for this many steps (0: run every step)"
     )
     refine_window: int = _setting(
-        8, "in-context refinement of the ranking: candidates tried per removal (0: off)"
+        8,
+        "in-context refinement of the ranking: candidates tried per removal (0: off; edge "
+        "noise: exchanges at the measured circuit sizes, on unless 0)",
     )
     refine_examples: int = _setting(
         128,

@@ -3,7 +3,10 @@
 The dashboard never loads a model, so what it shows of an edge circuit's faithfulness is measured
 here, once: for each size ``k`` of :func:`curve_sizes` (MIB's edge fractions of the graph), the
 top ``k`` edges of the fitted ranking are kept and every other edge is mean-ablated over the fit's
-first ``examples`` examples (:class:`~tl_noise.edges.EdgeCircuitEvaluator`). The curve is
+first ``examples`` examples (:class:`~tl_noise.edges.EdgeCircuitEvaluator`), after the ranking
+is refined in context at those sizes (:func:`tl_noise.edges.refine.polish_at_sizes`; its
+exchanges are recorded as ``noise.ranking_info["swaps"]``, which ``tn.edge_importance`` and
+``Run.edge_scores`` apply). The curve is
 recorded with the noise (``noise.ranking_info["faithfulness"]``) and in the run's
 ``summary.json``.
 """
@@ -13,8 +16,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from tl_noise.edges import EdgeCircuitEvaluator, edge_importance
+from tl_noise.edges import EdgeCircuitEvaluator
 from tl_noise.edges.circuit import rank_edges
+from tl_noise.edges.refine import polish_at_sizes
 from tl_noise.fitting.callbacks import Callback
 
 EDGE_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -29,8 +33,8 @@ def curve_sizes(n_edges: int) -> list[int]:
 class EdgeCircuitCurve(Callback):
     """Measure ``f(top_k)`` at :func:`curve_sizes` after the fit (see the module doc)."""
 
-    def __init__(self, examples: int) -> None:
-        self.examples = examples
+    def __init__(self, examples: int, refine: bool = True) -> None:
+        self.examples, self.refine = examples, refine
 
     def on_fit_end(self, trainer: Any, result: Any) -> None:
         noise = trainer.noise
@@ -40,7 +44,7 @@ class EdgeCircuitCurve(Callback):
         data = trainer.data
         n = min(self.examples, len(data))
         uses_metric = trainer.config.objective_name not in ("kl", "ce")
-        scores = edge_importance(noise)
+        scores = noise.edge_scores()  # -log std: any earlier fit's exchanges are void
         with EdgeCircuitEvaluator(
             trainer.model, data.tokens[:n], data.mask[:n],
             metric=data.metric if uses_metric else None,
@@ -48,11 +52,21 @@ class EdgeCircuitCurve(Callback):
         ) as evaluator:  # fmt: skip
             ranked = rank_edges(scores, evaluator.edges)
             sizes = curve_sizes(len(ranked))
-            values = [evaluator.faithfulness(ranked[:k]) for k in sizes]
+            swaps: list[list[str]] = []
+            if self.refine:
+                ranked, swaps, measured = polish_at_sizes(evaluator.faithfulness, ranked, sizes)
+            else:
+                measured = {}
+            values = [measured.get(k) for k in sizes]
+            values = [evaluator.faithfulness(ranked[:k]) if v is None else v
+                      for k, v in zip(sizes, values, strict=True)]  # fmt: skip
             forwards = evaluator.forwards
         noise.ranking_info = {
             **(noise.ranking_info or {}),
-            "method": "edge noise (-log std per edge)",
+            "method": "edge noise (-log std per edge), exchanges at the measured sizes"
+            if self.refine
+            else "edge noise (-log std per edge)",
+            "swaps": swaps,
             "faithfulness": {"k": sizes, "faithfulness": values, "n_edges": len(ranked)},
             "examples": n,
             "ablation": "mean",

@@ -207,7 +207,11 @@ def _fit(
             ProgressBar(disable=quiet or not ctx.is_main),
             # before the run directory, which saves the refined ranking with the noise
             *(refine if cfg.refine_window else []),
-            *([EdgeCircuitCurve(cfg.refine_examples)] if noise.kind == "edges" else []),
+            *(
+                [EdgeCircuitCurve(cfg.refine_examples, cfg.refine_window > 0)]
+                if noise.kind == "edges"
+                else []
+            ),
             *([RunDirectory(writer)] if writer else []),
         ]
         result = trainer.fit()

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from tl_noise.edges.graph import EdgeGraph
-from tl_noise.errors import RunFileError
+from tl_noise.edges.refine import refined_scores
+from tl_noise.errors import RunFileError, TLNoiseValueError
 from tl_noise.hooks.noise_hooks import CONFIG_FILE, STATE_FILE
 from tl_noise.io import read_tensor_file
 from tl_noise.names import hook_kind, hook_layer, is_head_hook
@@ -311,7 +312,9 @@ class Run(RunFrames):
                                str(self.path / CONFIG), "noise.graph") from err  # fmt: skip
 
     def edge_scores(self, step: int | None = None) -> dict[str, float]:
-        """``{edge: -log std}`` (MIB names) at ``step`` (None: the fitted noise)."""
+        """``{edge: -log std}`` (MIB names) at ``step``; None: the fitted noise, in the order the
+        fit refined it to (``summary.json``'s ``ranking_info["swaps"]``, as
+        ``tn.edge_importance``)."""
         graph = self.edge_graph()
         stds = self.final_stds() if step is None else self.stds_at(step)
         out: dict[str, float] = {}
@@ -323,7 +326,16 @@ class Run(RunFrames):
             logs = -std.double().clamp_min(1e-30).log()
             for row, names in enumerate(graph.edge_names(block)):
                 out.update(zip(names, logs[row].tolist(), strict=True))
-        return out
+        if step is not None:
+            return out
+        info = (self.summary() or {}).get("ranking_info")
+        swaps = info.get("swaps") if isinstance(info, dict) else None
+        try:
+            swaps = swaps if isinstance(swaps, list) and swaps else None
+            return refined_scores(out, swaps, list(graph.locate()) if swaps else None)
+        except (TLNoiseValueError, TypeError) as err:
+            raise RunFileError(f"run {self.name!r}: summary.json's ranking_info swaps: {err}",
+                               str(self._summary)) from err  # fmt: skip
 
     def edge_curve(self) -> dict[str, list[float]] | None:
         """``{"k": [...], "faithfulness": [...]}``: the faithfulness of the top-k edges measured
