@@ -39,16 +39,12 @@ from tl_noise.io import read_json, read_tensors
 from tl_noise.models import (
     DATA_DIR as EMBEDDED_DIR,
 )
-from tl_noise.models import (
-    EMBEDDED_MODEL,
-    build_native_model,
-    load_canonical_state_dict,
-    transformer_lens_major,
-)
+from tl_noise.models import EMBEDDED_MODEL
 from tl_noise.tasks.base import Batch, Task
 from tl_noise.tasks.text import next_token_cross_entropy
 from tl_noise.zoo.compiled import CompiledProgram, list_compiled, load_compiled
 from tl_noise.zoo.generators import generate
+from tl_noise.zoo.weights import frozen_model, load_weights
 
 __all__ = [
     "BENCHMARKS",
@@ -59,6 +55,7 @@ __all__ = [
     "list_compiled",
     "load_benchmark",
     "load_compiled",
+    "load_weights",
 ]
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -124,59 +121,6 @@ class Benchmark:
         return task.extras["corrupted"]
 
 
-def _mlp_weights(n_layers: int, state: dict[str, Tensor]) -> dict[str, Tensor]:
-    # The MLP half of the canonical layout in the 4.x native module's nn.Linear layout.
-    out = {}
-    for layer in range(n_layers):
-        p = f"blocks.{layer}.mlp"
-        out.update(
-            {
-                f"{p}.in.weight": state[f"{p}.W_in"].T,
-                f"{p}.in.bias": state[f"{p}.b_in"],
-                f"{p}.out.weight": state[f"{p}.W_out"].T,
-                f"{p}.out.bias": state[f"{p}.b_out"],
-            }
-        )
-    return {k: v.contiguous() for k, v in out.items()}
-
-
-class _Capture:
-    """Stands in for a model to collect what :func:`load_canonical_state_dict` would load."""
-
-    def __init__(self, cfg: Any) -> None:
-        self.cfg = cfg
-        self.state: dict[str, Tensor] = {}
-
-    def load_state_dict(self, state: dict[str, Tensor], strict: bool = True) -> None:
-        self.state.update(state)
-
-
-def load_weights(model: Any, state: dict[str, Tensor]) -> None:
-    """Load canonical (TransformerLens 3.x layout) weights, MLPs included, into a native model;
-    ValueError unless ``state`` fills every weight of the model exactly.
-
-    :func:`tl_noise.models.load_canonical_state_dict` translates embeddings and attention (and
-    loads 3.x weights as they are); the 4.x MLP weights are translated here.
-    """
-    if transformer_lens_major() < 4:
-        expected = {k for k in model.state_dict() if not k.endswith((".mask", ".IGNORE"))}
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        if missing or extra:
-            raise ValueError(
-                f"benchmark weights do not fit the model: missing {missing}, extra {extra}"
-            )
-        load_canonical_state_dict(model, state)
-        return
-    capture = _Capture(model.cfg)
-    load_canonical_state_dict(capture, state)
-    try:
-        if any(".mlp." in k for k in state):
-            capture.state.update(_mlp_weights(model.cfg.n_layers, state))
-        model.load_state_dict(capture.state, strict=True)
-    except (RuntimeError, KeyError) as err:
-        raise ValueError(f"benchmark weights do not fit the model: {err}") from err
-
-
 def load_benchmark(
     name: str, device: str | torch.device | None = None, folder: str | Path | None = None
 ) -> Any:
@@ -203,14 +147,7 @@ def load_benchmark(
     state = read_tensors(folder / f"{stem}.safetensors", f"benchmark {name!r} weights")
     tables = {k[len(TASK_PREFIX) :]: v for k, v in state.items() if k.startswith(TASK_PREFIX)}
     weights = {k: v.float() for k, v in state.items() if not k.startswith(TASK_PREFIX)}
-    model = build_native_model(meta["config"])
-    load_weights(model, weights)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if device is not None:
-        model = model.to(device)
-    model.tl_noise_name = f"zoo:{name}"
+    model = frozen_model(meta["config"], weights, device, f"zoo:{name}")
     if name == "induction":
         meta = _induction_info(meta)
     labels = meta.pop("labels")

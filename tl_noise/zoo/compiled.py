@@ -34,8 +34,8 @@ from torch import Tensor
 from tl_noise.errors import TLNoiseValueError
 from tl_noise.hooks.targets import NO_TARGET, TARGETS_KEY, clean_predictions, target_log_probs
 from tl_noise.io import read_json, read_tensors
-from tl_noise.models import build_native_model
 from tl_noise.tasks.base import Batch, Task
+from tl_noise.zoo.weights import frozen_model
 
 COMPILED_DIR = Path(__file__).parent / "data" / "tracr"
 CHECK_PREFIX = "check."  # tensors recorded from tracr at export: tokens, outputs, resid
@@ -122,19 +122,10 @@ def load_compiled(name: str, device: str | torch.device | None = None) -> Compil
     known = list_compiled()
     if name not in known:
         raise TLNoiseValueError(f"unknown compiled program {name!r}; known: {', '.join(known)}")
-    from tl_noise.zoo import load_weights  # the zoo's loader of canonical weights, MLPs included
-
     meta = read_json(COMPILED_DIR / f"{name}.json", f"compiled program {name!r} description")
     state = read_tensors(COMPILED_DIR / f"{name}.safetensors", f"compiled program {name!r}")
     check = {k[len(CHECK_PREFIX) :]: v for k, v in state.items() if k.startswith(CHECK_PREFIX)}
     weights = {k: v.float() for k, v in state.items() if not k.startswith(CHECK_PREFIX)}
-    model = build_native_model(meta["config"])
-    load_weights(model, weights)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if device is not None:
-        model = model.to(device)
-    model.tl_noise_name = f"tracr:{name}"
+    model = frozen_model(meta["config"], weights, device, f"tracr:{name}")
     labels = meta.pop("labels")
     return CompiledProgram(name, model, labels, meta, check)
