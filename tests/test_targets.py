@@ -119,3 +119,13 @@ def test_baselines_and_fit_run_on_a_model_with_its_own_outputs(program):
         tn.fit(program, noise, tokens, loss_mask=mask, steps=20, quiet=True)
         scores = tn.node_importance(noise)
     assert noise.ranking_info["examples"] == 16 and len(scores) == 6
+
+
+def test_clean_predictions_ignore_attached_noise(program):
+    tokens, mask = data()
+    clean = program(tokens).argmax(-1)
+    hooks = ["blocks.*.attn.hook_z", "blocks.*.hook_mlp_out"]
+    with tn.attach_noise(program, hooks, init_std=1.0, relative=False) as noise:
+        assert not torch.equal(program(tokens).argmax(-1), clean)  # the noise does change it
+        assert torch.equal(resolve_targets(program, tokens, mask), clean)
+        assert noise.mode == "sample"

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from tl_noise.devices import model_device
 from tl_noise.errors import TLNoiseValueError
+from tl_noise.hooks.owners import all_noise_switched_off
 
 NO_TARGET = -1
 TARGETS_KEY = "targets"  # the Task extra that holds a task's own targets
@@ -72,13 +73,14 @@ def target_log_probs(
 def clean_predictions(
     model: Any, tokens: Int[Tensor, "n pos"], batch_size: int = 64
 ) -> Int[Tensor, "n pos"]:
-    """The model's own argmax prediction at every position (noise hooks are the caller's
-    business: switch them off first)."""
+    """The model's own argmax prediction at every position, with any tl-noise noise on the
+    model switched off (the clean model's answer)."""
     device = model_device(model)
-    parts = [
-        model(tokens[s : s + batch_size].to(device)).argmax(-1).cpu()
-        for s in range(0, len(tokens), batch_size)
-    ]
+    with all_noise_switched_off(model):
+        parts = [
+            model(tokens[s : s + batch_size].to(device)).argmax(-1).cpu()
+            for s in range(0, len(tokens), batch_size)
+        ]
     return torch.cat(parts).to(tokens.device)
 
 
