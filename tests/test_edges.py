@@ -305,8 +305,8 @@ def test_the_rebuild_check_catches_readers_it_does_not_reproduce():
     model = native()
     with tn.attach_edge_noise(model, calibration_tokens=TOKENS) as noise:
         assert noise._weights is not None
-        w, b = noise._weights.stacked[1]  # layer 1's stacked W_Q, W_K, W_V
-        noise._weights.stacked[1] = (w * 1.01, b)
+        projection = noise._weights.projections[1]  # layer 1's folded W_Q, W_K, W_V
+        projection.weight = projection.weight * 1.01
         with pytest.raises(ValueError, match=r"relative error of 0\.01 \(accepted: 0\.0001\)"):
             noise.check_rebuild(TOKENS)
 

@@ -1,70 +1,25 @@
-"""The readers' Gaussian draws, made again in the backward instead of being kept.
+"""The readers' Gaussian draws, made chunk by chunk and again in the backward instead of being kept.
 
-A layer's readers add ``std_r * eps_r`` to what they read, ``eps_r`` one ``[batch, pos,
-d_model]`` draw per reader: the largest tensors of an edge-noise forward. The std's gradient
-needs them (``d loss / d std_r = sum_{batch, pos} g_r * eps_r``), so plain autograd would keep
-every layer's draws until the backward (12 x 57 MB at GPT-2 small, batch 4 x 128).
-:func:`add_noise` keeps the generator's state instead and draws the same numbers again when the
-gradient is needed: the same values bit for bit, the same random stream afterwards, at the cost
-of drawing twice.
+A reader group (a layer's q, k and v heads, an MLP, the logits) adds ``std_r * eps_r`` to what
+each of its ``R`` readers reads, ``eps`` ``[tokens, R, d_model]``: the largest tensors of an
+edge-noise forward (57 MB a layer at GPT-2 small, batch 4 x 128). The std's gradient needs them
+(``d loss / d std_r = sum_tokens g_r * eps_r``), so plain autograd would keep every layer's draws
+until the backward. :class:`TokenDraw` keeps the generator's state instead and hands out the
+same numbers again, chunk by chunk, when the gradient is needed: the same values bit for bit,
+the same random stream afterwards, at the cost of drawing twice.
+
+The draws follow a grid of whole-token chunks over the *global* batch (``chunk`` tokens each,
+the same on every data-parallel rank): a rank draws every chunk of the global batch in order and
+keeps the tokens of its own examples, so its noise is the single-process noise of those rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
-
-
-class Draw:
-    """``eps`` ``[sum(chunks), batch, pos, d]`` from ``generator`` as it is now: chunks of readers
-    drawn ``[total, pos, n, d]`` each, rows ``offset .. offset + batch`` kept (a data-parallel rank
-    draws its global batch's noise and keeps its own rows)."""
-
-    def __init__(self, generator: torch.Generator, like: Tensor, chunks: Sequence[int],
-                 shard: tuple[int, int]) -> None:  # fmt: skip
-        self.state = generator.get_state()
-        self.device, self.chunks, (self.offset, self.total) = like.device, list(chunks), shard
-        self.batch, self.pos, self.width = like.shape[0], like.shape[1], like.shape[-1]
-
-    def __call__(self, generator: torch.Generator | None = None) -> Float[Tensor, "r b p d"]:
-        """The draw; from a copy of the saved state unless ``generator`` (at that state) is
-        given, which then advances as the draw consumes it."""
-        if generator is None:
-            generator = torch.Generator(self.device)
-            generator.set_state(self.state)
-        parts = [
-            torch.randn(
-                (self.total, self.pos, n, self.width),
-                generator=generator,
-                device=self.device,
-                dtype=torch.float32,
-            )[
-                # fmt: skip
-                self.offset : self.offset + self.batch
-            ].permute(2, 0, 1, 3)
-            for n in self.chunks
-        ]
-        return torch.cat(parts)
-
-
-class _AddNoise(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, std: Tensor, draw: Draw, generator: torch.Generator) -> Tensor:
-        ctx.draw = draw
-        return torch.addcmul(x.unsqueeze(0), std[:, None, None, :], draw(generator).to(x.dtype))
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
-        grad_x = grad.sum(0) if ctx.needs_input_grad[0] else None
-        grad_std = None
-        if ctx.needs_input_grad[1]:
-            eps = ctx.draw().to(grad.dtype)
-            grad_std = eps.mul_(grad).sum((1, 2))  # 2.5x faster than einsum's contraction
-        return grad_x, grad_std, None, None
 
 
 def global_generator(device: torch.device) -> torch.Generator:
@@ -75,14 +30,44 @@ def global_generator(device: torch.device) -> torch.Generator:
     return torch.default_generator
 
 
-def add_noise(
-    x: Float[Tensor, "batch pos d"], std: Float[Tensor, "readers d"],
-    generator: torch.Generator | None,
-    chunks: Sequence[int], shard: tuple[int, int] | None = None,
-) -> Float[Tensor, "readers batch pos d"]:  # fmt: skip
-    """``x + std_r * eps_r`` for every reader ``r`` (a fresh tensor), ``eps`` drawn from
-    ``generator`` (None: torch's global one) in ``chunks`` of readers (see :class:`Draw`), not
-    kept for the backward."""
-    generator = generator if generator is not None else global_generator(x.device)
-    draw = Draw(generator, x, chunks, shard or (0, x.shape[0]))
-    return _AddNoise.apply(x, std, draw, generator)
+class TokenDraw:
+    """``eps`` ``[tokens, readers, width]`` (float32) of one reader group from ``generator`` as
+    it is now, ``tokens = batch * pos``, drawn ``[n, readers, width]`` per grid chunk of
+    ``chunk`` global tokens; ``shard = (offset, total)``: this process's examples start at
+    ``offset`` of a global batch of ``total`` (None: the batch is the whole batch)."""
+
+    def __init__(self, generator: torch.Generator | None, device: torch.device, batch: int,
+                 pos: int, readers: int, width: int, chunk: int,
+                 shard: tuple[int, int] | None = None) -> None:  # fmt: skip
+        self.generator = generator if generator is not None else global_generator(device)
+        self.state = self.generator.get_state()
+        self.device, self.readers, self.width, self.chunk = device, readers, width, max(1, chunk)
+        offset, total = shard or (0, batch)
+        self.first, self.last, self.total = offset * pos, (offset + batch) * pos, total * pos
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """The local token ranges ``(start, stop)`` the draw hands out, in order: the grid
+        chunks cut to this process's tokens."""
+        out = []
+        for start in range(0, self.total, self.chunk):
+            lo, hi = max(start, self.first), min(start + self.chunk, self.total, self.last)
+            if lo < hi:
+                out.append((lo - self.first, hi - self.first))
+        return out
+
+    def chunks(self, again: bool = False) -> Iterator[Float[Tensor, "n readers width"]]:
+        """The local ``eps`` of each of :meth:`ranges`: the first time from the generator itself
+        (which advances past the whole global draw), ``again`` from a copy of the saved state."""
+        generator = self.generator
+        if again:
+            generator = torch.Generator(self.device)
+            generator.set_state(self.state)
+        scratch: Tensor | None = None
+        for start in range(0, self.total, self.chunk):
+            n = min(self.chunk, self.total - start)
+            if scratch is None or scratch.shape[0] < n:
+                scratch = torch.empty(n, self.readers, self.width, device=self.device)
+            eps = scratch[:n].normal_(generator=generator)
+            lo, hi = max(start, self.first), min(start + n, self.last)
+            if lo < hi:
+                yield eps[lo - start : hi - start]

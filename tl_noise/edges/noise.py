@@ -18,14 +18,15 @@ never varies has ``s_w = 0`` and ``mu_w = c_w``, so its edges carry no noise. Co
 bias is part of its (constant) mean.
 
 The rebuild is layer by layer: writers' ``mu_w - c_w`` are stored as they are produced, in one
-``[writers, batch * pos * d_model]`` matrix per forward (:mod:`tl_noise.edges.store`), and each
-reader group contracts its stds with its prefix (one matrix product per group: a layer's q, k
-and v readers together, at the first of the three hooks). A head's rebuilt input goes through
-``ln1`` and its own ``W_Q``/``W_K``/``W_V`` (:mod:`tl_noise.edges.weights`, one batched product
-for the layer's q, k and v), replacing the model's ``hook_q``/``hook_k``/``hook_v``; an MLP's
-replaces ``hook_mlp_in`` (before ``ln2``, as TransformerLens puts it; ``use_hook_mlp_in`` is
-switched on while attached) and the logits' the last block's ``hook_resid_post``. Nothing else
-in the residual stream changes.
+``[tokens, writers, d_model]`` tensor per forward (:mod:`tl_noise.edges.store`), and each reader
+group (a layer's q, k and v readers together, at the first of the three hooks; an MLP; the
+logits) is rebuilt from its prefix chunk by chunk of tokens, in one autograd function that keeps
+nothing of size ``tokens x readers x d_model`` (:mod:`tl_noise.edges.readers`). A head's rebuilt
+input goes through ``ln1`` and its own ``W_Q``/``W_K``/``W_V`` (:mod:`tl_noise.edges.weights`),
+replacing the model's ``hook_q``/``hook_k``/``hook_v``; an MLP's replaces ``hook_mlp_in``
+(before ``ln2``, as TransformerLens puts it; ``use_hook_mlp_in`` is switched on while attached)
+and the logits' the last block's ``hook_resid_post``. Nothing else in the residual stream
+changes.
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_noise.devices import model_device
-from tl_noise.edges.draws import add_noise
+from tl_noise.edges.draws import TokenDraw
 from tl_noise.edges.graph import LOGITS_BLOCK, EdgeGraph, attn_block, mlp_block
-from tl_noise.edges.store import WriterStore
+from tl_noise.edges.readers import Group, Projection, chunk_tokens, read
+from tl_noise.edges.store import BufferPool, WriterStore
 from tl_noise.edges.weights import ReaderWeights, check_edge_model
 from tl_noise.errors import TLNoiseValueError
 from tl_noise.hooks.calibration import add_permanent_hook, default_probe_tokens, remove_hook
@@ -88,7 +90,8 @@ class EdgeNoise(NoiseHooks):
         self._weights: ReaderWeights | None = None
         self._resid: dict[int, Tensor] = {}
         self._store: WriterStore | None = None  # the writers' mu_w - c_w of this forward
-        self._qkv: dict[int, list[Tensor]] = {}  # layer -> its rebuilt q, k, v
+        self._qkv: dict[int, Tensor] = {}  # layer -> its rebuilt q, k, v [b, p, rows, d_head]
+        self._pool = BufferPool()  # the stores' large buffers, reused across forwards
         self._fixed: dict[str, Tensor] | None = None  # block -> sigma, no draws (ablations)
         self._check: list[float] | None = None  # relative rebuild errors, while checking
         self._keep = False  # keep the writers' contributions after the forward (calibration)
@@ -148,6 +151,12 @@ class EdgeNoise(NoiseHooks):
             self._mlp_in_flag = None
         self._clear()
 
+    def free_buffers(self) -> None:
+        """Give back the large buffers kept for the next forward (the writers' store and its
+        gradient, :class:`~tl_noise.edges.store.BufferPool`); the next forward allocates them
+        again."""
+        self._pool.clear()
+
     def _clear(self) -> None:
         if self._store is not None:
             self._store.release()
@@ -162,32 +171,24 @@ class EdgeNoise(NoiseHooks):
             return self._fixed[block]
         return self.layer(block).std()
 
-    def delta(
-        self, block: str, rows: slice, like: Tensor
-    ) -> Float[Tensor, "batch pos readers d_model"]:
-        """``x~_r - x`` of the readers ``rows`` of ``block`` (see the module doc)."""
-        sigma = self._sigma(block)[rows].to(like.dtype)
-        return (self._rebuilt(block, sigma, like, [sigma.shape[0]]) - like).permute(1, 2, 0, 3)
-
-    def _rebuilt(
-        self, block: str, sigma: Tensor, x: Tensor, draws: list[int]
-    ) -> Float[Tensor, "readers batch pos d_model"]:
-        """``x~_r`` of the readers of ``sigma`` (rows of ``block``) reading ``x``; the noise is
-        drawn in chunks of ``draws`` rows, ``[batch, pos, rows, d_model]`` each."""
+    def _read(self, block: str, x: Tensor, projection: Projection | None) -> Tensor:
+        """The readers of ``block`` reading ``x`` (:func:`tl_noise.edges.readers.read`):
+        ``[batch, pos, readers, d_head]`` with a ``projection``, else ``[..., d_model]``."""
+        sigma = self._sigma(block)
         readers, n_writers = sigma.shape
-        contract = self.form == "replacement" or self._fixed is not None
-        base, owned = x.unsqueeze(0), False
+        batch, pos, width = x.shape
+        chunk = chunk_tokens(x.device, readers, width)
+        std = draw = None
         if self._fixed is None and self.layer(block).mode == "sample":
-            scale = self.writer_scale[:n_writers].to(x.dtype)
+            scale = self.writer_scale[:n_writers]
             std = (sigma.square() @ scale.square()).clamp_min(1e-30).sqrt()  # [readers, d_model]
             # a data-parallel rank draws the whole global batch's noise and keeps its rows;
             # the draws are made again in the backward, not kept (tl_noise.edges.draws)
-            generator, shard = self.generator(x.device), self.layer(block).batch_shard
-            base, owned = add_noise(x, std, generator, draws, shard), True
-        if contract:
-            assert self._store is not None
-            return self._store.contract(sigma, base, owned)
-        return base.expand(readers, *x.shape)
+            draw = TokenDraw(self.generator(x.device), x.device, batch, pos, readers, width,
+                             chunk, self.layer(block).batch_shard)  # fmt: skip
+        contract = self.form == "replacement" or self._fixed is not None
+        return read(x, sigma, std, Group(self._store if contract else None, draw, projection,
+                                         chunk))  # fmt: skip
 
     def _reference(self, first: int, n: int, like: Tensor) -> Tensor:
         """What writers ``first .. first + n`` are replaced by: their means ``[n, 1, 1, d]``, or
@@ -200,7 +201,7 @@ class EdgeNoise(NoiseHooks):
         def hook(x: Tensor, hook: Any) -> None:
             if layer == 0:
                 self._clear()
-                self._store = WriterStore(len(self.graph.writers), x)
+                self._store = WriterStore(len(self.graph.writers), x, self._pool)
                 self._store.write(self._reference(0, 1, x), x.unsqueeze(0))
             self._resid[layer] = x
 
@@ -208,18 +209,16 @@ class EdgeNoise(NoiseHooks):
 
     def _qkv_hook(self, layer: int, which: int) -> Callable:
         block = attn_block(layer)
-        draws = [r.stop - r.start for r in map(self.graph.qkv_rows, range(3))]
+        rows = self.graph.qkv_rows(which)
 
         def hook(x: Tensor, hook: Any) -> Tensor | None:
             if not self._active(block):
                 return None
             assert self._weights is not None
             if layer not in self._qkv:  # the layer's first of q, k, v: rebuild all three
-                resid = self._resid[layer]
-                sigma = self._sigma(block).to(resid.dtype)
-                rebuilt = self._rebuilt(block, sigma, resid, draws)  # [readers, b, p, d]
-                self._qkv[layer] = self._weights.project_all(layer, rebuilt, draws)
-            out = self._qkv[layer][which].to(x.dtype)
+                projection = self._weights.projections[layer]
+                self._qkv[layer] = self._read(block, self._resid[layer], projection)
+            out = self._qkv[layer][:, :, rows].to(x.dtype)
             if self._check is not None:
                 scale = x.abs().max().clamp_min(1e-12)
                 self._check.append(float((out - x).abs().max() / scale))
@@ -241,7 +240,7 @@ class EdgeNoise(NoiseHooks):
         def read(x: Tensor) -> Tensor | None:
             if not self._active(block):
                 return None
-            return self._rebuilt(block, self._sigma(block).to(x.dtype), x, [1])[0]
+            return self._read(block, x, None)[:, :, 0]
 
         return read
 

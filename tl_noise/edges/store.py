@@ -1,27 +1,26 @@
-"""The writers' ``mu_w - c_w`` of one forward pass, stored once, and the contraction of a reader
-group's stds with them.
+"""The writers' ``mu_w - c_w`` of one forward pass, stored once, token-major.
 
 Every reader group ``r`` needs ``sum_w sigma_{r w} (mu_w - c_w)`` over its upstream writers
 (:mod:`tl_noise.edges.noise`). :class:`WriterStore` keeps the writers of one forward in a single
-``[writers, batch * pos * d_model]`` matrix, filled in forward order (the writers of any reader
-are a prefix of it), so a reader group's rebuild is one matrix product added in place to what
-the readers read otherwise. Two autograd functions keep forward and backward lean:
+``[tokens, writers, d_model]`` tensor, filled in forward order (the writers of any reader are a
+prefix of it), so a chunk of tokens of a reader group's rebuild is one batched matrix product
+over the chunk's tokens, ``[R, W] @ [W, d_model]`` each (:mod:`tl_noise.edges.readers`).
 
-* :class:`_Write` copies a block of ``reference - contribution`` into the store and returns a
-  scalar handle that ties the block to the readers using it; nothing of the block is kept twice.
-* :class:`_Contract` computes ``base + sigma @ rows[:W]`` (in place on ``base`` when the caller
-  owns it; ``base`` is its first input, as autograd expects of in-place operations) and saves
-  only ``sigma``. Its backward reads the rows from the store
-  (``grad_sigma = g rows^T``) and accumulates ``sigma^T g`` into the store's gradient in place;
-  each block's :class:`_Write` runs after every reader of the block (the handles order them)
-  and hands ``-grad[rows]`` to the block's contributions.
+:class:`_Write` copies a block of ``reference - contribution`` into the store and returns a
+scalar handle that ties the block to the readers using it; nothing of the block is kept twice.
+The readers' backward accumulates ``sigma^T g`` into the store's gradient (:meth:`grad_rows`);
+each block's :class:`_Write` runs after every reader of the block (the handles order them) and
+hands ``-grad[rows]`` to the block's contributions.
 
 Rows a reader has read are never written again in the same forward, and every forward pass has
-its own store.
+its own store. The two large tensors (rows and their gradient) come from a :class:`BufferPool`
+that hands a buffer out again only once the store it was lent to is gone (its forward's graph
+freed): a fit step reuses the last step's pages instead of faulting in fresh ones.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -35,12 +34,42 @@ def _backward_pass() -> int:
     return int(current()) if current is not None else -1
 
 
+class BufferPool:
+    """Large tensors lent to owners and handed out again once their owner is garbage."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self._lent: list[tuple[Tensor, weakref.ref]] = []
+
+    def take(self, shape: tuple[int, ...], like: Tensor, owner: Any) -> Tensor:
+        """An uninitialised ``shape`` tensor of ``like``'s dtype and device for ``owner``."""
+        free = [i for i, (_, ref) in enumerate(self._lent) if ref() is None]
+        for i in free:
+            buffer = self._lent[i][0]
+            if (buffer.shape, buffer.dtype, buffer.device) == (shape, like.dtype, like.device):
+                self._lent[i] = (buffer, weakref.ref(owner))
+                return buffer
+        if len(self._lent) >= self.keep and free:
+            del self._lent[free[0]]
+        buffer = like.new_empty(shape)
+        if len(self._lent) < self.keep:
+            self._lent.append((buffer, weakref.ref(owner)))
+        return buffer
+
+    def clear(self) -> None:
+        """Forget every buffer (those still lent stay with their owners)."""
+        self._lent = []
+
+
 class _Write(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, contribution: Tensor, reference: Tensor, store: WriterStore,
                 start: int) -> Tensor:  # fmt: skip
         n = contribution.shape[0]
-        store.rows[start : start + n].view(n, *store.shape).copy_(reference - contribution)
+        tokens = store.rows.shape[0]
+        flat = contribution.reshape(n, tokens, -1).transpose(0, 1)
+        ref = reference.expand(contribution.shape).reshape(n, tokens, -1).transpose(0, 1)
+        torch.sub(ref, flat, out=store.rows[:, start : start + n])
         ctx.store, ctx.start, ctx.shape = store, start, contribution.shape
         return store.rows.new_zeros(())
 
@@ -50,51 +79,29 @@ class _Write(torch.autograd.Function):
         if grad is None:
             return None, None, None, None
         n = ctx.shape[0]
-        return -grad[ctx.start : ctx.start + n].view(ctx.shape), None, None, None
-
-
-class _Contract(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, base: Tensor, sigma: Tensor, owned: bool, store: WriterStore,
-                *handles: Tensor) -> Tensor:  # fmt: skip
-        rows = store.rows[: sigma.shape[1]]
-        ctx.store, ctx.n, ctx.owned = store, sigma.shape[1], owned
-        ctx.save_for_backward(sigma)
-        flat = base.view(base.shape[0], -1)
-        if owned:  # base itself (no view of it) is marked: autograd needs no copy of it
-            flat.addmm_(sigma, rows)
-            ctx.mark_dirty(base)
-            return base
-        return torch.addmm(flat, sigma, rows).view(sigma.shape[0], *store.shape)
-
-    @staticmethod
-    def backward(ctx: Any, out_grad: Tensor) -> tuple[Tensor | None, ...]:
-        (sigma,) = ctx.saved_tensors
-        store, rows = ctx.store, ctx.store.rows[: ctx.n]
-        grad = out_grad.reshape(sigma.shape[0], -1)
-        needs = ctx.needs_input_grad
-        grad_sigma = grad @ rows.T if needs[1] else None
-        if any(needs[4:]):
-            store.accumulate(sigma, grad)
-        grad_base = None
-        if needs[0]:
-            grad_base = out_grad if ctx.owned else out_grad.sum(0, keepdim=True)
-        handles = [grad.new_zeros(()) if need else None for need in needs[4:]]
-        return (grad_base, grad_sigma, None, None, *handles)
+        block = grad[:, ctx.start : ctx.start + n].transpose(0, 1)
+        return -block.reshape(ctx.shape), None, None, None
 
 
 class WriterStore:
     """``reference - contribution`` of every writer of one forward pass (see the module doc),
-    for activations shaped like ``like`` ``[batch, pos, d_model]``."""
+    for activations shaped like ``like`` ``[batch, pos, d_model]``; ``rows``: ``[batch * pos,
+    n_writers, d_model]``."""
 
-    def __init__(self, n_writers: int, like: Tensor) -> None:
+    def __init__(self, n_writers: int, like: Tensor, pool: BufferPool | None = None) -> None:
         self.shape = tuple(like.shape)
-        self.rows = like.new_empty(n_writers, like.numel())
+        self.pool = pool or BufferPool(keep=0)
+        shape = (like.shape[0] * like.shape[1], n_writers, like.shape[-1])
+        self.rows = self.pool.take(shape, like, self)
         self.grad: Tensor | None = None  # d loss / d rows, accumulated during a backward pass
         self._pass = -2  # the backward pass (autograd graph task) self.grad belongs to
         self.filled = 0
         self._handles: list[Tensor] = []
         self._ends: list[int] = []
+
+    @property
+    def n_writers(self) -> int:
+        return self.rows.shape[1]
 
     def write(self, reference: Tensor, contribution: Tensor) -> None:
         """Append the writers ``contribution`` ``[n, batch, pos, d]`` with what replaces them,
@@ -103,33 +110,32 @@ class WriterStore:
         self.filled += contribution.shape[0]
         self._ends.append(self.filled)
 
+    def handles(self, n_writers: int) -> list[Tensor]:
+        """The handles of the blocks making up the first ``n_writers`` writers; ValueError if
+        that is not a block boundary."""
+        return self._handles[: self._ends.index(n_writers) + 1]
+
     def release(self) -> None:
         """Drop the handles once the forward pass is over: they and the autograd nodes
         holding this store would otherwise keep each other (and the rows) alive until a garbage
         collection."""
         self._handles = []
 
-    def accumulate(self, sigma: Tensor, grad: Tensor) -> None:
-        """Add one reader group's ``sigma^T grad`` to the rows' gradient of this backward pass
-        (a new pass, e.g. after ``retain_graph=True``, starts from zero)."""
+    def grad_rows(self, n_writers: int) -> tuple[Float[Tensor, "tokens n d"], bool]:
+        """The gradient of the first ``n_writers`` rows in this backward pass, and whether it
+        is fresh (its values undefined: the caller's first accumulation overwrites them; the
+        rows beyond ``n_writers`` are zeroed). A new pass (e.g. after ``retain_graph=True``)
+        starts a fresh gradient."""
         task = _backward_pass()
-        if self.grad is None or task != self._pass:
-            self.grad, self._pass = torch.zeros_like(self.rows), task
-        self.grad[: sigma.shape[1]].addmm_(sigma.T, grad)
-
-    def contract(
-        self, sigma: Float[Tensor, "readers writers"], base: Tensor, owned: bool = False
-    ) -> Float[Tensor, "readers batch pos d_model"]:
-        """``base + sum_w sigma[r, w] (reference_w - contribution_w)`` for every reader ``r``
-        (``base``: ``[readers, batch, pos, d_model]`` or broadcast to it; ``owned``: a fresh
-        contiguous tensor nothing else uses, updated in place); the writers are the first
-        ``sigma.shape[1]`` of the store, a whole number of its blocks."""
-        blocks = self._ends.index(sigma.shape[1]) + 1  # ValueError: not a block boundary
-        return _Contract.apply(base, sigma.to(self.rows.dtype), owned, self,
-                               *self._handles[:blocks])  # fmt: skip
+        fresh = self.grad is None or task != self._pass
+        if fresh:
+            self.grad, self._pass = self.pool.take(tuple(self.rows.shape), self.rows, self), task
+            self.grad[:, n_writers:].zero_()
+        assert self.grad is not None
+        return self.grad[:, :n_writers], fresh
 
     def contributions(self, reference: Tensor) -> Float[Tensor, "writers batch pos d_model"]:
         """``reference - rows`` of the writers stored so far (float64): their contributions
         when ``reference`` is what they were written with."""
-        rows = self.rows[: self.filled].double().view(self.filled, *self.shape)
-        return reference[: self.filled].double() - rows
+        rows = self.rows[:, : self.filled].double().transpose(0, 1)
+        return reference[: self.filled].double() - rows.reshape(self.filled, *self.shape)

@@ -1,7 +1,8 @@
 """The weights edge noise needs to rebuild a head's q/k/v from its own rebuilt input.
 
 A head reads ``LN1(x)`` through ``W_Q[h]``, ``W_K[h]``, ``W_V[h]``; with edge noise each head's
-``x`` differs, so its q/k/v are recomputed as ``LN1(x_h) W[h] + b[h]``. The projections come from
+``x`` differs, so its q/k/v are recomputed as ``LN1(x_h) W[h] + b[h]``, the norm's weight and
+bias folded into ``W`` and ``b`` (:func:`fold`). The projections come from
 the model's ``W_Q``/``b_Q``... (``[n_layers, n_heads, d_model, d_head]``, the same on
 TransformerLens 4.x bridges and 3.x ``HookedTransformer``), ``W_O`` turns a head's ``z`` into its
 contribution to the residual stream, and the layer norm is read off the block's ``ln1`` module
@@ -11,14 +12,14 @@ checked when the noise is attached (:meth:`tl_noise.edges.EdgeNoise.check_rebuil
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_noise.edges.readers import Projection
 from tl_noise.errors import TLNoiseValueError
 
 
@@ -51,19 +52,13 @@ def check_edge_model(model: Any) -> None:
 
 @dataclass
 class Norm:
-    """A block's layer norm as a function of the last axis."""
+    """A block's layer norm: ``kind`` ``"LN"``, ``"LNPRE"``, ``"RMS"``, ``"RMSPRE"`` or None,
+    its weight and bias (None where it has none) and ``eps``."""
 
-    kind: str | None  # "LN", "LNPRE", "RMS", "RMSPRE" or None
+    kind: str | None
     w: Tensor | None
     b: Tensor | None
     eps: float
-
-    def __call__(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-        if self.kind in ("LN", "LNPRE"):
-            return F.layer_norm(x, x.shape[-1:], self.w, self.b, self.eps)
-        if self.kind in ("RMS", "RMSPRE"):
-            return F.rms_norm(x, x.shape[-1:], self.w, self.eps)
-        return x
 
 
 def _norm_parameters(module: Any) -> tuple[Tensor | None, Tensor | None]:
@@ -94,23 +89,28 @@ def _kv_groups(weight: Tensor, kv: int) -> Tensor:
     return weight if heads == kv else weight[:, :: heads // kv]
 
 
+def fold(norm: Norm, w: Float[Tensor, "R d_model d_head"],
+         b: Float[Tensor, "R d_head"]) -> Projection:  # fmt: skip
+    """``norm`` then ``x W_r + b_r`` as ``xhat(x) (diag(w_ln) W_r) + (b_ln W_r + b_r)``
+    (:class:`~tl_noise.edges.readers.Projection`; folded in float64)."""
+    weight, bias = w.double(), b.double()
+    if norm.b is not None:
+        bias = bias + torch.einsum("d,rde->re", norm.b.double(), weight)
+    if norm.w is not None:
+        weight = weight * norm.w.double()[None, :, None]
+    return Projection(norm.kind, norm.eps, weight.to(w.dtype), bias.to(w.dtype))
+
+
 @dataclass
 class ReaderWeights:
-    """Per layer: ``ln1``; ``W_Q, W_K, W_V`` (``[heads, d_model, d_head]``, ``heads`` the query
-    heads for Q and the key/value heads for K and V) and ``b_Q, b_K, b_V`` (``[heads, d_head]``);
-    ``W_O`` ``[n_heads, d_head, d_model]``; ``stacked``: per layer ``W_Q, W_K, W_V`` and
-    their biases concatenated over heads, in the rows of the layer's attention edge block."""
+    """Per layer: ``projections``, the layer's q, k and v heads (in the rows of its attention
+    edge block: query heads, then key/value heads for K and for V) as one
+    :class:`~tl_noise.edges.readers.Projection` of ``ln1`` and ``W_Q, W_K, W_V`` (``[heads,
+    d_model, d_head]``) with ``b_Q, b_K, b_V``; ``w_o`` ``[n_heads, d_head, d_model]``, which
+    turns a head's ``z`` into its contribution to the residual stream."""
 
-    ln1: list[Norm]
-    w_qkv: list[list[Tensor]]
-    b_qkv: list[list[Tensor]]
+    projections: list[Projection]
     w_o: list[Tensor]
-    stacked: list[tuple[Tensor, Tensor]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not self.stacked:
-            self.stacked = [(torch.cat(w), torch.cat(b)[:, None, :])
-                            for w, b in zip(self.w_qkv, self.b_qkv, strict=True)]  # fmt: skip
 
     @classmethod
     def of(cls, model: Any) -> ReaderWeights:
@@ -119,34 +119,12 @@ class ReaderWeights:
             w = [model.W_Q.detach()] + [_kv_groups(x.detach(), kv) for x in (model.W_K, model.W_V)]
             b = [model.b_Q.detach()] + [_kv_groups(x.detach(), kv) for x in (model.b_K, model.b_V)]
             w_o = model.W_O.detach()
-        n_layers = int(model.cfg.n_layers)
-        return cls(
-            ln1=[block_norm(model, model.blocks[layer].ln1) for layer in range(n_layers)],
-            w_qkv=[[x[layer] for x in w] for layer in range(n_layers)],
-            b_qkv=[[x[layer] for x in b] for layer in range(n_layers)],
-            w_o=[w_o[layer] for layer in range(n_layers)],
-        )
-
-    def project(
-        self, layer: int, which: int, x: Float[Tensor, "batch pos heads d_model"]
-    ) -> Float[Tensor, "batch pos heads d_head"]:
-        """``LN1(x_h) W[h] + b[h]`` for every (query or key/value) head ``h`` (``which``: 0 q,
-        1 k, 2 v)."""
-        w, b = self.w_qkv[layer][which], self.b_qkv[layer][which]
-        normed = self.ln1[layer](x)
-        return torch.einsum("bphd,hde->bphe", normed.to(w.dtype), w) + b
-
-    def project_all(
-        self, layer: int, x: Float[Tensor, "readers batch pos d_model"], sizes: list[int]
-    ) -> list[Float[Tensor, "batch pos heads d_head"]]:
-        """``LN1(x_r) W[r] + b[r]`` for every reader row ``r`` of the layer's attention block
-        (its q, then k, then v heads: ``sizes`` rows each), as the model's q, k and v."""
-        w, b = self.stacked[layer]
-        normed = self.ln1[layer](x).to(w.dtype)
-        readers, batch, pos, d_model = normed.shape
-        out = torch.baddbmm(b, normed.reshape(readers, batch * pos, d_model), w)
-        return [q.view(-1, batch, pos, w.shape[-1]).permute(1, 2, 0, 3)
-                for q in out.split(sizes)]  # fmt: skip
+            projections = [
+                fold(block_norm(model, model.blocks[layer].ln1),
+                     torch.cat([x[layer] for x in w]), torch.cat([x[layer] for x in b]))
+                for layer in range(int(model.cfg.n_layers))
+            ]  # fmt: skip
+        return cls(projections, [w_o[layer] for layer in range(int(model.cfg.n_layers))])
 
     def head_outputs(
         self, layer: int, z: Float[Tensor, "batch pos n_heads d_head"]
