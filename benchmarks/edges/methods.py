@@ -8,6 +8,9 @@ step on ``b`` of ``n`` rows counts ``3 b / n``, as :class:`tl_noise.fitting.FitR
 * ``tl-noise edge noise``: ``tn.attach_edge_noise(model, calibration_tokens=tokens)`` then
   ``tn.fit(model, noise, tokens, loss_mask=mask)`` with every default; ``-log std`` per edge.
   Forwards: the fit's own count (steps, its end-of-fit curve).
+* ``tl-noise edge noise (resample)``: the same fit given the evaluation set's counterfactuals,
+  ``tn.fit(..., corrupted_tokens=corrupted)``: an ablated edge moves towards the writer's
+  contribution on the counterfactual instead of its mean (one more forward a step).
 * ``tl-noise EAP (mean)`` / ``(resample)``: :meth:`~tl_noise.edges.EdgeCircuitEvaluator.
   attribution`, ``|dm/dsigma|`` at ``sigma = 0`` (noising: the gradient at the clean run, the
   ablated value the writer's mean or its contribution on the corrupted input). Forwards: the
@@ -43,16 +46,21 @@ class EdgeScores:
 Method = Callable[[Any, Tensor, Tensor, Tensor], EdgeScores]
 
 
-def edge_noise(model: Any, tokens: Tensor, mask: Tensor, corrupted: Tensor) -> EdgeScores:
+def edge_noise(model: Any, tokens: Tensor, mask: Tensor, corrupted: Tensor | None) -> EdgeScores:
     began = time.perf_counter()
     noise = tn.attach_edge_noise(model, calibration_tokens=tokens)
     try:
-        result = tn.fit(model, noise, tokens, loss_mask=mask, quiet=True)
+        result = tn.fit(model, noise, tokens, loss_mask=mask, quiet=True,
+                        corrupted_tokens=corrupted)  # fmt: skip
         scores = tn.edge_importance(noise)
     finally:
         noise.remove()
     return EdgeScores(scores, time.perf_counter() - began, float(result.forwards),
                       {"stopped_at": result.stopped_at, "steps": len(result.history)})  # fmt: skip
+
+
+def edge_noise_mean(model: Any, tokens: Tensor, mask: Tensor, corrupted: Tensor) -> EdgeScores:
+    return edge_noise(model, tokens, mask, None)
 
 
 def tl_noise_eap(ablation: str) -> Method:
@@ -73,7 +81,8 @@ def tl_eap(model: Any, tokens: Tensor, mask: Tensor, corrupted: Tensor) -> EdgeS
 
 
 METHODS: dict[str, Method] = {
-    "tl-noise edge noise": edge_noise,
+    "tl-noise edge noise": edge_noise_mean,
+    "tl-noise edge noise (resample)": edge_noise,
     "tl-noise EAP (mean)": tl_noise_eap("mean"),
     "tl-noise EAP (resample)": tl_noise_eap("resample"),
     "TL EAP (resample)": tl_eap,

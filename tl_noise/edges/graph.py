@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from tl_noise.errors import TLNoiseValueError
 from tl_noise.hooks.ablation import has_mlps
 from tl_noise.names import head_node, mlp_node
 
@@ -65,6 +66,23 @@ class EdgeGraph:
         kv = getattr(cfg, "n_key_value_heads", None)
         kv_heads = None if kv in (None, cfg.n_heads) else int(kv)
         return cls(int(cfg.n_layers), int(cfg.n_heads), has_mlps(model), kv_heads)
+
+    def config(self) -> dict[str, Any]:
+        """The graph as saved with edge noise (:meth:`from_config` reads it back)."""
+        return {"n_layers": self.n_layers, "n_heads": self.n_heads, "mlps": self.mlps,
+                "kv_heads": self.kv_heads}  # fmt: skip
+
+    @classmethod
+    def from_config(cls, config: Any) -> EdgeGraph:
+        """The graph of a saved :meth:`config`; ValueError naming what is malformed."""
+        if not isinstance(config, dict):
+            raise TLNoiseValueError("malformed tl-noise edge noise config: no graph")
+        try:
+            kv = config.get("kv_heads")
+            return cls(int(config["n_layers"]), int(config["n_heads"]), bool(config["mlps"]),
+                       None if kv is None else int(kv))  # fmt: skip
+        except (KeyError, TypeError, ValueError) as err:
+            raise TLNoiseValueError(f"malformed tl-noise edge noise config: graph {err!r}") from err
 
     @property
     def kv(self) -> int:

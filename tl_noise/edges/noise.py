@@ -47,7 +47,7 @@ from tl_noise.edges.store import BufferPool, WriterStore
 from tl_noise.edges.weights import ReaderWeights, check_edge_model
 from tl_noise.errors import TLNoiseValueError
 from tl_noise.hooks.calibration import add_permanent_hook, default_probe_tokens, remove_hook
-from tl_noise.hooks.noise_hooks import NOISE_KINDS, NoiseHooks
+from tl_noise.hooks.noise_hooks import CORRUPTED_KEY, NOISE_KINDS, NoiseHooks
 from tl_noise.hooks.owners import mark, owners
 from tl_noise.noise.granularity import DEAD_UNIT_RTOL
 from tl_noise.noise.layer import NoiseLayer
@@ -294,6 +294,18 @@ class EdgeNoise(NoiseHooks):
         finally:
             self._patch = saved
 
+    @contextmanager
+    def batch_context(self, batch: dict[str, Tensor]) -> Iterator[EdgeNoise]:
+        """A fit's noised forward of ``batch``: with its :data:`CORRUPTED_KEY` tokens every
+        edge is noised towards the writer's contribution on the example's counterfactual
+        (:meth:`patched`, resample noise) instead of its mean."""
+        corrupted = batch.get(CORRUPTED_KEY)
+        if corrupted is None:
+            yield self
+            return
+        with self.patched(self.contributions_of(corrupted)):
+            yield self
+
     @torch.no_grad()
     def contributions_of(self, tokens: Int[Tensor, "b pos"]) -> Tensor:
         """Every writer's contribution ``c_w`` ``[writers, b, pos, d_model]`` on ``tokens``, with
@@ -391,28 +403,15 @@ class EdgeNoise(NoiseHooks):
     # ------------------------------------------------------------ save/load
     def config(self) -> dict[str, Any]:
         out = super().config()
-        graph = self.graph
-        out.update(kind=self.kind, form=self.form,
-                   graph={"n_layers": graph.n_layers, "n_heads": graph.n_heads,
-                          "mlps": graph.mlps, "kv_heads": graph.kv_heads})  # fmt: skip
+        out.update(kind=self.kind, form=self.form, graph=self.graph.config())
         return out
 
     @classmethod
     def from_config(cls, config: dict[str, Any], model: Any) -> EdgeNoise:
         """Rebuild (unattached, freshly initialised) edge noise for ``model`` from a config."""
-        graph_config = config.get("graph") if isinstance(config, dict) else None
-        if not isinstance(graph_config, dict) or not isinstance(config.get("hooks"), dict):
-            raise TLNoiseValueError("malformed tl-noise edge noise config: no graph or hooks")
-        try:
-            kv = graph_config.get("kv_heads")
-            graph = EdgeGraph(
-                int(graph_config["n_layers"]),
-                int(graph_config["n_heads"]),
-                bool(graph_config["mlps"]),
-                None if kv is None else int(kv),
-            )
-        except (KeyError, TypeError, ValueError) as err:
-            raise TLNoiseValueError(f"malformed tl-noise edge noise config: graph {err!r}") from err
+        if not isinstance(config, dict) or not isinstance(config.get("hooks"), dict):
+            raise TLNoiseValueError("malformed tl-noise edge noise config: no hooks")
+        graph = EdgeGraph.from_config(config.get("graph"))
         cfg = model.cfg
         if (graph.n_layers, graph.n_heads) != (int(cfg.n_layers), int(cfg.n_heads)):
             raise TLNoiseValueError(

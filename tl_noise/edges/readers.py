@@ -158,7 +158,7 @@ class _Read(torch.autograd.Function):
         work = x.new_empty(group.largest(tokens), readers, d, dtype=dtype)
         for a, b, eps in group.chunks(tokens, again=False):
             y = _rebuild(work[: b - a], xf[a:b], sd, eps, sig, None if rows is None else rows[a:b])
-            if proj is None:
+            if proj is None or weight is None:
                 out[a:b] = y
                 continue
             xhat, _ = proj.normalize(y)
@@ -191,7 +191,7 @@ class _Read(torch.autograd.Function):
         work = x.new_empty(group.largest(tokens), readers, d, dtype=dtype)
         sigma_t = sig.T.contiguous()
         for a, b, eps in group.chunks(tokens, again=True):
-            if proj is not None:
+            if proj is not None and weight_t is not None:
                 y = _rebuild(work[: b - a], xf[a:b], sd, eps, sig,
                              None if rows is None else rows[a:b])  # fmt: skip
                 xhat, rstd = proj.normalize(y)

@@ -2,13 +2,13 @@
 
 The dashboard never loads a model, so what it shows of an edge circuit's faithfulness is measured
 here, once: for each size ``k`` of :func:`curve_sizes` (MIB's edge fractions of the graph), the
-top ``k`` edges of the fitted ranking are kept and every other edge is mean-ablated over the fit's
-first ``examples`` examples (:class:`~tl_noise.edges.EdgeCircuitEvaluator`), after the ranking
-is refined in context at those sizes (:func:`tl_noise.edges.refine.polish_at_sizes`; its
-exchanges are recorded as ``noise.ranking_info["swaps"]``, which ``tn.edge_importance`` and
-``Run.edge_scores`` apply). The curve is
-recorded with the noise (``noise.ranking_info["faithfulness"]``) and in the run's
-``summary.json``.
+top ``k`` edges of the fitted ranking are kept and every other edge is mean-ablated
+(resample-ablated when the fit was given ``corrupted_tokens``) over the fit's first
+``examples`` examples (:class:`~tl_noise.edges.EdgeCircuitEvaluator`), after the ranking is
+refined in context at those sizes (:func:`tl_noise.edges.refine.polish_at_sizes`; its exchanges
+are recorded as ``noise.ranking_info["swaps"]``, which ``tn.edge_importance`` and
+``Run.edge_scores`` apply). The curve is recorded with the noise
+(``noise.ranking_info["faithfulness"]``) and in the run's ``summary.json``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from tl_noise.edges import EdgeCircuitEvaluator
 from tl_noise.edges.circuit import rank_edges
 from tl_noise.edges.refine import polish_at_sizes
 from tl_noise.fitting.callbacks import Callback
+from tl_noise.hooks.noise_hooks import CORRUPTED_KEY
 
 EDGE_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 """The fractions of a graph's edges at which MIB reports faithfulness (CPR, CMD)."""
@@ -45,10 +46,13 @@ class EdgeCircuitCurve(Callback):
         n = min(self.examples, len(data))
         uses_metric = trainer.config.objective_name not in ("kl", "ce")
         scores = noise.edge_scores()  # -log std: any earlier fit's exchanges are void
+        extras = {k: v[:n] for k, v in data.extras.items()}
+        corrupted = extras.pop(CORRUPTED_KEY, None)  # a resample fit: its curve resamples too
+        ablation = "mean" if corrupted is None else "resample"
         with EdgeCircuitEvaluator(
-            trainer.model, data.tokens[:n], data.mask[:n],
-            metric=data.metric if uses_metric else None,
-            extras={k: v[:n] for k, v in data.extras.items()},
+            trainer.model, data.tokens[:n], data.mask[:n], ablation=ablation,
+            metric=data.metric if uses_metric else None, extras=extras,
+            corrupted_tokens=corrupted,
         ) as evaluator:  # fmt: skip
             ranked = rank_edges(scores, evaluator.edges)
             sizes = curve_sizes(len(ranked))
@@ -69,7 +73,7 @@ class EdgeCircuitCurve(Callback):
             "swaps": swaps,
             "faithfulness": {"k": sizes, "faithfulness": values, "n_edges": len(ranked)},
             "examples": n,
-            "ablation": "mean",
+            "ablation": ablation,
             "forwards": forwards,
             "seconds": time.time() - began,
         }

@@ -89,6 +89,7 @@ def fit(
     refine_examples: int = _D.refine_examples,
     refine_budget: int | None = _D.refine_budget,
     overwrite: bool = False,
+    corrupted_tokens: Int[Tensor, "n pos"] | None = None,
 ) -> FitResult:
     """Fit the noise of ``noise`` (attached to ``model``) on ``tokens``; the model stays frozen.
 
@@ -116,12 +117,17 @@ def fit(
             ranking that ends the fit (:mod:`~tl_noise.fitting.refine`; ``refine_window=0``
             skips it); ``tn.node_importance(noise)`` then returns the refined ranking.
         callbacks: extra :class:`~tl_noise.fitting.callbacks.Callback` objects.
+        corrupted_tokens: edge noise only: ``[n, pos]``, each example's counterfactual. A noised
+            edge then moves the reader's input towards the writer's contribution on the
+            counterfactual (resample noise, :meth:`~tl_noise.edges.EdgeNoise.patched`) instead
+            of its mean, and the end-of-fit circuit curve uses resample ablation: the circuits
+            found are those that survive resample ablation. Costs one more forward per step.
 
     Returns:
         :class:`FitResult` with ``stds``, ``history``, ``importance`` and ``run_dir``.
     """
     check_run_dir(run_dir)
-    data = prepare_data(model, noise, tokens, loss_mask, metric, task_info)
+    data = prepare_data(model, noise, tokens, loss_mask, metric, task_info, corrupted_tokens)
     config = FitConfig(
         objective=objective, mode=mode, alpha=alpha, budget=budget, steps=steps, lr=lr,
         batch_size=batch_size, seed=seed, noise_loss_kind=noise_loss_kind,

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from tl_noise.errors import TLNoiseTypeError, TLNoiseValueError
 from tl_noise.hooks import NoiseHooks, check_model, check_tokens
+from tl_noise.hooks.noise_hooks import CORRUPTED_KEY
 from tl_noise.tasks.base import Task
 
 
@@ -67,9 +68,11 @@ def prepare_data(
     loss_mask: Bool[Tensor, "n pos"] | None,
     metric: Callable[..., Tensor] | None,
     task_info: dict[str, Any] | None,
+    corrupted_tokens: Int[Tensor, "n pos"] | None = None,
 ) -> FitData:
     """Check model, noise, tokens and mask (a :class:`~tl_noise.tasks.Task` supplies its own
-    mask, metric and extras unless given explicitly)."""
+    mask, metric and extras unless given explicitly); ``corrupted_tokens`` (edge noise only)
+    become the extra :data:`~tl_noise.hooks.noise_hooks.CORRUPTED_KEY`."""
     extras: dict[str, Tensor] = {}
     if isinstance(tokens, Task):
         task = tokens
@@ -86,4 +89,21 @@ def prepare_data(
         raise TLNoiseValueError("noise is attached to a different model than the one passed to fit")
     check_tokens(model, tokens)
     mask = _check_mask(tokens, loss_mask)
+    if corrupted_tokens is not None:
+        extras = {**extras, CORRUPTED_KEY: _check_corrupted(model, noise, tokens, corrupted_tokens)}
     return FitData(tokens, mask, extras, metric, dict(task_info or {}))
+
+
+def _check_corrupted(model: Any, noise: NoiseHooks, tokens: Tensor, corrupted: Any) -> Tensor:
+    if noise.kind != "edges":
+        raise TLNoiseValueError(
+            "corrupted_tokens (noise resampled from counterfactuals) needs edge noise "
+            f"(tn.attach_edge_noise); this noise is {noise.kind!r}"
+        )
+    if not isinstance(corrupted, Tensor) or corrupted.shape != tokens.shape:
+        raise TLNoiseValueError(
+            f"corrupted_tokens must be a tensor shaped like the tokens {list(tokens.shape)} "
+            f"(each example's counterfactual), got {list(getattr(corrupted, 'shape', []))}"
+        )
+    check_tokens(model, corrupted, "corrupted_tokens")
+    return corrupted

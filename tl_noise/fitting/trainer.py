@@ -44,6 +44,7 @@ from tl_noise.fitting.task_losses import (
     TaskLoss,
 )
 from tl_noise.hooks import NoiseHooks, head_importance, std_node_scores
+from tl_noise.hooks.noise_hooks import CORRUPTED_KEY
 
 
 @dataclass
@@ -186,7 +187,8 @@ class Trainer:
         batch = self._batch(step)
         self.noise.manual_seed(int(step_generator(cfg.seed, step).initial_seed() % (2**31)))
         self.task_loss.prepare(batch["index"])
-        logits = frozen_forward(self.model, batch["tokens"], self.frozen)
+        with self.noise.batch_context(batch):
+            logits = frozen_forward(self.model, batch["tokens"], self.frozen)
         task_loss, terms = self.task_loss(logits, batch)
         del logits  # the loss graph keeps what its backward needs
         n_loss = noise_loss([layer.std_for_loss() for layer in self.layers], cfg.noise_loss_kind)
@@ -252,7 +254,8 @@ class Trainer:
             node_scores=std_node_scores(self.noise),
         )
         n = len(self.data)  # one step: a noised forward and a backward on a batch
-        result.forwards = 3 * (step + 1 - self.start) * min(self.config.batch_size, n) / n
+        per_step = 3 + (CORRUPTED_KEY in self.data.extras)  # + the counterfactual's forward
+        result.forwards = per_step * (step + 1 - self.start) * min(self.config.batch_size, n) / n
         for cb in self.callbacks:
             cb.on_fit_end(self, result)
         return result

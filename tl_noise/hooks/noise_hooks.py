@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, cast
 
@@ -67,6 +67,10 @@ NOISE_KINDS: dict[str, type[NoiseHooks]] = {}
 (``tl_noise.edges`` registers ``"edges"``)."""
 CONFIG_FILE = "noise_config.json"
 STATE_FILE = "noise_state.safetensors"
+
+CORRUPTED_KEY = "corrupted_tokens"
+"""The batch key of each example's counterfactual tokens when a fit resamples its noise from
+them (``tn.fit(..., corrupted_tokens=...)``, edge noise)."""
 
 
 def model_fingerprint(model: Any) -> dict[str, Any]:
@@ -225,6 +229,11 @@ class NoiseHooks(nn.Module):
         for _, layer in self.items():
             layer.mode = checked
         return self
+
+    def batch_context(self, batch: dict[str, Tensor]) -> AbstractContextManager[Any]:
+        """What the fit's noised forward of ``batch`` runs within (nothing here; edge noise
+        replaces its ablated edges by the batch's :data:`CORRUPTED_KEY` contributions)."""
+        return nullcontext()
 
     @contextmanager
     def switched_off(self) -> Iterator[NoiseHooks]:
