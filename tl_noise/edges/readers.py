@@ -188,7 +188,7 @@ class _Read(torch.autograd.Function):
         grad_x = x.new_empty(tokens, d, dtype=dtype) if need[0] else None
         grad_sigma = sig.new_zeros(sig.shape) if need[1] and rows is not None else None
         grad_std = sig.new_zeros(readers, d) if need[2] and std is not None else None
-        work = x.new_empty(group.largest(tokens), readers, d, dtype=dtype)
+        work = x.new_empty(group.largest(tokens) if proj else 0, readers, d, dtype=dtype)
         sigma_t = sig.T.contiguous()
         for a, b, eps in group.chunks(tokens, again=True):
             if proj is not None and weight_t is not None:
