@@ -15,7 +15,16 @@ from hypothesis import strategies as st
 import tl_noise as tn
 from tl_noise.edges import EdgeCircuitEvaluator
 from tl_noise.edges.circuit import rank_edges
-from tl_noise.edges.refine import DEPTH, WINDOW, apply_swaps, polish_at_sizes, refined_scores
+from tl_noise.edges.refine import (
+    DEPTH,
+    WINDOW,
+    apply_swaps,
+    eliminate,
+    elimination_cost,
+    polish_at_sizes,
+    refined_scores,
+    swaps_between,
+)
 from tl_noise.errors import RunFileError, TLNoiseValueError
 from tl_noise.fitting.edge_curve import curve_sizes
 from tl_noise.models import load_embedded_model
@@ -23,6 +32,29 @@ from tl_noise.runs import load_run
 from tl_noise.zoo import load_benchmark
 
 pytestmark = pytest.mark.tl3
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.permutations(list(range(12))))
+def test_the_exchanges_between_two_rankings_rebuild_the_second(perm):
+    ranked = [f"e{i}" for i in range(12)]
+    order = [ranked[i] for i in perm]
+    swaps = swaps_between(ranked, order)
+    assert apply_swaps(ranked, swaps) == order and len(swaps) <= 11
+
+
+def test_elimination_puts_the_needed_edges_first_wherever_the_noise_ranked_them():
+    edges = [f"e{i}" for i in range(30)]
+    needed = {"e27", "e28", "e29", "e3"}  # three of them ranked last by the "noise"
+    calls = []
+
+    def f(circuit):  # the share of the needed edges kept
+        calls.append(1)
+        return len(needed & set(circuit)) / len(needed)
+
+    order = eliminate(f, edges, window=5)  # a window wider than the needed set
+    assert set(order[:4]) == needed and sorted(order) == sorted(edges)
+    assert len(calls) == elimination_cost(30, window=5)
 
 
 def test_exchanges_improve_each_measured_set_and_no_other():

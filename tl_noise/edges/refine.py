@@ -11,6 +11,13 @@ changes the top-``k_i`` set and no other measured set, so the measured curve onl
 every trial is one forward pass, at most ``sizes x depth x window`` in all, whatever the size of
 the graph.
 
+On graphs small enough (at most :data:`ELIMINATE_FORWARDS` trials, i.e. about
+``ELIMINATE_FORWARDS / window`` edges) the exchanges are preceded by windowed backward
+elimination, as for nodes (:func:`eliminate`): from the whole graph, of the ``window``
+lowest-ranked edges still kept, the one whose removal leaves ``f`` closest to 1 is removed, until
+one edge is left; the removal order reversed is the ranking. It costs about ``window`` forwards
+per edge and repairs rankings the exchanges cannot (a needed edge ranked near the bottom).
+
 The ranking is kept as the list of exchanges (``noise.ranking_info["swaps"]``, each
 ``[promoted, demoted]``) applied to the ``-log std`` ranking; :func:`refined_scores` turns them
 into scores whose order is the refined ranking (the ``-log std`` values, sorted and reassigned
@@ -27,6 +34,47 @@ from tl_noise.errors import TLNoiseValueError
 
 WINDOW = 8  # candidates after a size tried per exchange
 DEPTH = 3  # last members of a size tried
+ELIMINATE_WINDOW = 8  # lowest-ranked kept edges tried per removal
+ELIMINATE_FORWARDS = 4096  # the most trials the elimination may take (graphs above: skipped)
+
+
+def elimination_cost(n_edges: int, window: int = ELIMINATE_WINDOW) -> int:
+    """Forward passes :func:`eliminate` takes on ``n_edges`` edges."""
+    return sum(min(window, kept) for kept in range(2, n_edges + 1))
+
+
+def eliminate(
+    faithfulness: Callable[[list[str]], float], ranked: Sequence[str],
+    window: int = ELIMINATE_WINDOW,
+) -> list[str]:  # fmt: skip
+    """Windowed backward elimination (module doc): the refined ranking, most important first;
+    ``faithfulness(edges)`` is ``f`` of a circuit (one forward pass); ties go to the
+    lowest-ranked candidate."""
+    kept, removed = list(ranked), []
+    while len(kept) > 1:
+        trials = []
+        for i, edge in enumerate(kept[-window:]):
+            value = faithfulness([e for e in kept if e != edge])
+            trials.append((abs(1 - value), -i, edge))
+        edge = min(trials)[2]
+        kept.remove(edge)
+        removed.append(edge)
+    return kept + removed[::-1]
+
+
+def swaps_between(ranked: Sequence[str], order: Sequence[str]) -> list[list[str]]:
+    """Exchanges ``[promoted, demoted]`` that turn ``ranked`` into ``order`` (a permutation of
+    it) under :func:`apply_swaps`: at most ``len(order) - 1``."""
+    current = list(ranked)
+    where = {e: i for i, e in enumerate(current)}
+    swaps: list[list[str]] = []
+    for i, edge in enumerate(order):
+        if current[i] != edge:
+            j, demoted = where[edge], current[i]
+            swaps.append([edge, demoted])
+            current[i], current[j] = edge, demoted
+            where[edge], where[demoted] = i, j
+    return swaps
 
 
 def polish_at_sizes(

@@ -5,10 +5,12 @@ here, once: for each size ``k`` of :func:`curve_sizes` (MIB's edge fractions of 
 top ``k`` edges of the fitted ranking are kept and every other edge is mean-ablated
 (resample-ablated when the fit was given ``corrupted_tokens``) over the fit's first
 ``examples`` examples (:class:`~tl_noise.edges.EdgeCircuitEvaluator`), after the ranking is
-refined in context at those sizes (:func:`tl_noise.edges.refine.polish_at_sizes`; its exchanges
-are recorded as ``noise.ranking_info["swaps"]``, which ``tn.edge_importance`` and
-``Run.edge_scores`` apply). The curve is recorded with the noise
-(``noise.ranking_info["faithfulness"]``) and in the run's ``summary.json``.
+refined in context (on small graphs by windowed backward elimination,
+:func:`tl_noise.edges.refine.eliminate`, then at those sizes by
+:func:`tl_noise.edges.refine.polish_at_sizes`; the changes are recorded as
+``noise.ranking_info["swaps"]``, which ``tn.edge_importance`` and ``Run.edge_scores`` apply).
+The curve is recorded with the noise (``noise.ranking_info["faithfulness"]``) and in the run's
+``summary.json``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ from typing import Any
 
 from tl_noise.edges import EdgeCircuitEvaluator
 from tl_noise.edges.circuit import rank_edges
-from tl_noise.edges.refine import polish_at_sizes
+from tl_noise.edges.refine import (
+    ELIMINATE_FORWARDS,
+    eliminate,
+    elimination_cost,
+    polish_at_sizes,
+    swaps_between,
+)
 from tl_noise.fitting.callbacks import Callback
 from tl_noise.hooks.noise_hooks import CORRUPTED_KEY
 
@@ -57,19 +65,24 @@ class EdgeCircuitCurve(Callback):
             ranked = rank_edges(scores, evaluator.edges)
             sizes = curve_sizes(len(ranked))
             swaps: list[list[str]] = []
+            measured: dict[int, float] = {}
+            eliminated = self.refine and elimination_cost(len(ranked)) <= ELIMINATE_FORWARDS
+            if eliminated:
+                order = eliminate(evaluator.faithfulness, ranked)
+                swaps, ranked = swaps_between(ranked, order), order
             if self.refine:
-                ranked, swaps, measured = polish_at_sizes(evaluator.faithfulness, ranked, sizes)
-            else:
-                measured = {}
+                ranked, exchanges, measured = polish_at_sizes(evaluator.faithfulness, ranked,
+                                                              sizes)  # fmt: skip
+                swaps += exchanges
             values = [measured.get(k) for k in sizes]
             values = [evaluator.faithfulness(ranked[:k]) if v is None else v
                       for k, v in zip(sizes, values, strict=True)]  # fmt: skip
             forwards = evaluator.forwards
         noise.ranking_info = {
             **(noise.ranking_info or {}),
-            "method": "edge noise (-log std per edge), exchanges at the measured sizes"
-            if self.refine
-            else "edge noise (-log std per edge)",
+            "method": "edge noise (-log std per edge)"
+            + (", windowed backward elimination" if eliminated else "")
+            + (", exchanges at the measured sizes" if self.refine else ""),
             "swaps": swaps,
             "faithfulness": {"k": sizes, "faithfulness": values, "n_edges": len(ranked)},
             "examples": n,
