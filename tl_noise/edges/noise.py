@@ -315,7 +315,8 @@ class EdgeNoise(NoiseHooks):
         try:
             with self.switched_off():
                 self._model(tokens.to(self.writer_mean.device))
-            return self._contributions().to(self.writer_mean.dtype)
+            # in the noise's own dtype: a resample fit computes this every step
+            return self._contributions(self.writer_mean.dtype)
         finally:
             self._fixed, self._keep, self._patch = saved, False, patch
             self._clear()
@@ -349,10 +350,12 @@ class EdgeNoise(NoiseHooks):
         self.writer_scale.copy_(std.to(self.writer_scale.dtype))
         self.calibration_source = "data"
 
-    def _contributions(self) -> Float[Tensor, "writers batch pos d_model"]:
+    def _contributions(
+        self, dtype: torch.dtype = torch.float64
+    ) -> Float[Tensor, "writers batch pos d_model"]:
         """The last forward's writer contributions ``c_w`` (from the stored ``mu_w - c_w``)."""
         assert self._store is not None
-        return self._store.contributions(self.writer_mean[:, None, None, :])
+        return self._store.contributions(self.writer_mean[:, None, None, :], dtype)
 
     @torch.no_grad()
     def check_rebuild(self, tokens: Int[Tensor, "n pos"] | None = None) -> float:

@@ -134,8 +134,11 @@ class WriterStore:
         assert self.grad is not None
         return self.grad[:, :n_writers], fresh
 
-    def contributions(self, reference: Tensor) -> Float[Tensor, "writers batch pos d_model"]:
-        """``reference - rows`` of the writers stored so far (float64): their contributions
-        when ``reference`` is what they were written with."""
-        rows = self.rows[:, : self.filled].double().transpose(0, 1)
-        return reference[: self.filled].double() - rows.reshape(self.filled, *self.shape)
+    def contributions(
+        self, reference: Tensor, dtype: torch.dtype = torch.float64
+    ) -> Float[Tensor, "writers batch pos d_model"]:
+        """``reference - rows`` of the writers stored so far, in ``dtype`` (float64 by default,
+        for sums over many tokens): their contributions when ``reference`` is what they were
+        written with."""
+        rows = self.rows[:, : self.filled].to(dtype).transpose(0, 1)
+        return reference[: self.filled].to(dtype) - rows.reshape(self.filled, *self.shape)
