@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -157,10 +158,10 @@ def embedded_fit():
     return fit_embedded
 
 
-def save_tiny_gpt2_checkpoint(path, n_layer: int = 2, n_embd: int = 32, n_head: int = 4) -> str:
-    """Write a small GPT-2 model + word-level tokenizer with ``save_pretrained`` (offline)."""
+def save_word_tokenizer(path) -> int:
+    """Write a word-level tokenizer with ``save_pretrained`` (offline); returns its size."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     from tl_noise.tasks.ioi import word_vocabulary
 
@@ -169,28 +170,29 @@ def save_tiny_gpt2_checkpoint(path, n_layer: int = 2, n_embd: int = 32, n_head: 
         vocab.setdefault(word, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-    )
-    config = GPT2Config(
-        n_layer=n_layer,
-        n_embd=n_embd,
-        n_head=n_head,
-        vocab_size=len(vocab),
-        n_positions=64,
-        n_ctx=64,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(config).eval()
-    model.save_pretrained(path)
+    special = "<|endoftext|>"
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special, eos_token=special,
+                                     unk_token=special, pad_token=special)  # fmt: skip
     hf_tok.save_pretrained(path)
+    return len(vocab)
+
+
+def save_tiny_checkpoint(path, config_class: Any, model_class: Any, **config: Any) -> str:
+    """A small Hugging Face model of any architecture (``config_class(**config)``, random weights,
+    seed 0) + word-level tokenizer written with ``save_pretrained`` to ``path`` (offline)."""
+    vocab = save_word_tokenizer(path)
+    ids = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    model_class(config_class(**config, **ids)).eval().save_pretrained(path)
     return str(path)
+
+
+def save_tiny_gpt2_checkpoint(path, n_layer: int = 2, n_embd: int = 32, n_head: int = 4) -> str:
+    """Write a small GPT-2 model + word-level tokenizer with ``save_pretrained`` (offline)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return save_tiny_checkpoint(path, GPT2Config, GPT2LMHeadModel, n_layer=n_layer,
+                                n_embd=n_embd, n_head=n_head, n_positions=64, n_ctx=64)  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -4,14 +4,16 @@
 stream before block 0), every head ``a{l}.h{h}`` (its ``z W_O``, without ``b_O``) and every MLP
 ``m{l}`` (its output). *Readers* read it: each head's ``<q>``, ``<k>`` and ``<v>`` input, each MLP's
 input, and ``logits``. An edge ``writer->reader`` exists when the writer is upstream of the reader
-(a head reads every writer of earlier layers; an MLP also reads the heads of its own layer).
+(a head reads every writer of earlier layers; an MLP also reads the heads of its own layer,
+except in parallel attention/MLP blocks, where both read the block's input, as MIB's graph has
+it).
 
 Writers are numbered in forward order (``input``, then per layer its heads and its MLP), so the
 writers of any reader are a prefix of that list. The learned stds live in one block per group of
 readers that share their writers: ``blocks.{l}.attn.edges`` ``[3 n_heads, W_l]`` (rows: the
 ``q`` readers of heads ``0..H-1``, then the ``k`` readers, then the ``v`` readers),
-``blocks.{l}.mlp.edges`` ``[1, W_l + n_heads]`` and ``logits.edges`` ``[1, W]``, where ``W_l``
-is the number of writers upstream of layer ``l``.
+``blocks.{l}.mlp.edges`` ``[1, W_l + n_heads]`` (``[1, W_l]`` when parallel) and
+``logits.edges`` ``[1, W]``, where ``W_l`` is the number of writers upstream of layer ``l``.
 
 >>> graph = EdgeGraph(n_layers=2, n_heads=2, mlps=True)
 >>> graph.writers
@@ -47,7 +49,8 @@ def mlp_block(layer: int) -> str:
 @dataclass(frozen=True)
 class EdgeGraph:
     """The writers, readers and edges of a model with ``n_layers`` blocks of ``n_heads`` heads
-    (and an MLP per block when ``mlps``).
+    (and an MLP per block when ``mlps``; ``parallel``: attention and MLP read the same block
+    input, so an MLP reads no head of its own layer).
 
     With grouped-query attention (``kv_heads < n_heads``), the heads of a key/value group share
     their k and v inputs: the ``<k>``/``<v>`` reader of group ``g`` is named by the group's first
@@ -58,6 +61,7 @@ class EdgeGraph:
     n_heads: int
     mlps: bool = True
     kv_heads: int | None = None  # None: one key/value head per query head
+    parallel: bool = False
 
     @classmethod
     def of(cls, model: Any) -> EdgeGraph:
@@ -65,22 +69,27 @@ class EdgeGraph:
         cfg = model.cfg
         kv = getattr(cfg, "n_key_value_heads", None)
         kv_heads = None if kv in (None, cfg.n_heads) else int(kv)
-        return cls(int(cfg.n_layers), int(cfg.n_heads), has_mlps(model), kv_heads)
+        mlps = has_mlps(model)
+        parallel = mlps and bool(getattr(cfg, "parallel_attn_mlp", False))
+        return cls(int(cfg.n_layers), int(cfg.n_heads), mlps, kv_heads, parallel)
 
     def config(self) -> dict[str, Any]:
         """The graph as saved with edge noise (:meth:`from_config` reads it back)."""
         return {"n_layers": self.n_layers, "n_heads": self.n_heads, "mlps": self.mlps,
-                "kv_heads": self.kv_heads}  # fmt: skip
+                "kv_heads": self.kv_heads, "parallel": self.parallel}  # fmt: skip
 
     @classmethod
     def from_config(cls, config: Any) -> EdgeGraph:
-        """The graph of a saved :meth:`config`; ValueError naming what is malformed."""
+        """The graph of a saved :meth:`config` (runs saved before ``parallel`` existed are
+        sequential); ValueError naming what is malformed."""
         if not isinstance(config, dict):
             raise TLNoiseValueError("malformed tl-noise edge noise config: no graph")
         try:
-            kv = config.get("kv_heads")
+            kv, parallel = config.get("kv_heads"), config.get("parallel", False)
+            if not isinstance(parallel, bool):
+                raise TypeError(f"parallel={parallel!r} is not a bool")
             return cls(int(config["n_layers"]), int(config["n_heads"]), bool(config["mlps"]),
-                       None if kv is None else int(kv))  # fmt: skip
+                       None if kv is None else int(kv), parallel)  # fmt: skip
         except (KeyError, TypeError, ValueError) as err:
             raise TLNoiseValueError(f"malformed tl-noise edge noise config: graph {err!r}") from err
 
@@ -130,7 +139,7 @@ class EdgeGraph:
             upstream = self.upstream_of_layer(layer)
             shapes[attn_block(layer)] = (self.n_heads + 2 * self.kv, upstream)
             if self.mlps:
-                shapes[mlp_block(layer)] = (1, upstream + self.n_heads)
+                shapes[mlp_block(layer)] = (1, upstream + (0 if self.parallel else self.n_heads))
         shapes[LOGITS_BLOCK] = (1, len(self.writers))
         return shapes
 

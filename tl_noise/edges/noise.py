@@ -40,8 +40,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_noise.devices import model_device
+from tl_noise.edges.check import READER_HOOKS, RebuildCheck
 from tl_noise.edges.draws import TokenDraw
-from tl_noise.edges.graph import LOGITS_BLOCK, EdgeGraph, attn_block, mlp_block
+from tl_noise.edges.graph import LOGITS_BLOCK, QKV, EdgeGraph, attn_block, mlp_block
 from tl_noise.edges.readers import Group, Projection, chunk_tokens, read
 from tl_noise.edges.store import BufferPool, WriterStore
 from tl_noise.edges.weights import ReaderWeights, check_edge_model
@@ -51,10 +52,6 @@ from tl_noise.hooks.noise_hooks import CORRUPTED_KEY, NOISE_KINDS, NoiseHooks
 from tl_noise.hooks.owners import mark, owners
 from tl_noise.noise.granularity import DEAD_UNIT_RTOL
 from tl_noise.noise.layer import NoiseLayer
-
-REBUILD_RTOL = 1e-4
-"""The largest relative difference between a rebuilt q/k/v and the model's own (float32) that
-:meth:`EdgeNoise.check_rebuild` accepts."""
 
 
 class EdgeNoise(NoiseHooks):
@@ -93,7 +90,7 @@ class EdgeNoise(NoiseHooks):
         self._qkv: dict[int, Tensor] = {}  # layer -> its rebuilt q, k, v [b, p, rows, d_head]
         self._pool = BufferPool()  # the stores' large buffers, reused across forwards
         self._fixed: dict[str, Tensor] | None = None  # block -> sigma, no draws (ablations)
-        self._check: list[float] | None = None  # relative rebuild errors, while checking
+        self._check: RebuildCheck | None = None  # while checking the rebuild
         self._keep = False  # keep the writers' contributions after the forward (calibration)
         self._patch: Tensor | None = None  # [writers, batch, pos, d]: used instead of the means
         self._mlp_in_flag: bool | None = None
@@ -208,7 +205,7 @@ class EdgeNoise(NoiseHooks):
         return hook
 
     def _qkv_hook(self, layer: int, which: int) -> Callable:
-        block = attn_block(layer)
+        block, name = attn_block(layer), f"blocks.{layer}.attn.hook_{QKV[which]}"
         rows = self.graph.qkv_rows(which)
 
         def hook(x: Tensor, hook: Any) -> Tensor | None:
@@ -220,8 +217,7 @@ class EdgeNoise(NoiseHooks):
                 self._qkv[layer] = self._read(block, self._resid[layer], projection)
             out = self._qkv[layer][:, :, rows].to(x.dtype)
             if self._check is not None:
-                scale = x.abs().max().clamp_min(1e-12)
-                self._check.append(float((out - x).abs().max() / scale))
+                self._check.record(name, out, x)
             return out
 
         return hook
@@ -236,17 +232,27 @@ class EdgeNoise(NoiseHooks):
 
         return hook
 
-    def _reader_hook(self, block: str) -> Callable[[Tensor], Tensor | None]:
-        def read(x: Tensor) -> Tensor | None:
+    def _reader_hook(self, block: str, name: str) -> Callable[[Tensor, Any], Tensor | None]:
+        def read(x: Tensor, hook: Any) -> Tensor | None:
             if not self._active(block):
                 return None
-            return self._read(block, x, None)[:, :, 0]
+            out = self._read(block, x, None)[:, :, 0]
+            if self._check is not None:
+                self._check.record(name, out, x)
+            return out
 
         return read
 
     def _mlp_in_hook(self, layer: int) -> Callable:
-        read = self._reader_hook(mlp_block(layer))
-        return lambda x, hook: read(x)
+        name = f"blocks.{layer}.hook_mlp_in"
+        read = self._reader_hook(mlp_block(layer), name)
+
+        def hook(x: Tensor, hook: Any) -> Tensor | None:
+            if self._check is not None:
+                self._check.record_mlp_input(name, x, self._resid[layer])
+            return read(x, hook)
+
+        return hook
 
     def _mlp_out_hook(self, layer: int) -> Callable:
         index = self.graph.upstream_of_layer(layer) + self.graph.n_heads
@@ -258,10 +264,10 @@ class EdgeNoise(NoiseHooks):
         return hook
 
     def _logits_hook(self) -> Callable:
-        read = self._reader_hook(LOGITS_BLOCK)
+        read = self._reader_hook(LOGITS_BLOCK, f"blocks.{self.graph.n_layers - 1}.hook_resid_post")
 
         def hook(x: Tensor, hook: Any) -> Tensor | None:
-            out = read(x)
+            out = read(x, hook)
             if not self._keep:
                 self._clear()  # the forward's last reader: free the writers' contributions
             return out
@@ -359,26 +365,20 @@ class EdgeNoise(NoiseHooks):
 
     @torch.no_grad()
     def check_rebuild(self, tokens: Int[Tensor, "n pos"] | None = None) -> float:
-        """The largest relative difference between the rebuilt and the model's own q/k/v with
-        every edge kept; ValueError above :data:`REBUILD_RTOL` (the model computes its readers
-        in a way tl-noise does not reproduce)."""
+        """The largest relative difference between every rebuilt reader and the model's own
+        with every edge kept; ValueError when the model computes a reader in a way tl-noise does
+        not reproduce (:mod:`tl_noise.edges.check`)."""
         tokens = default_probe_tokens(self._model, n=2, pos=8) if tokens is None else tokens
         zeros = {b: torch.zeros(s, device=self.writer_mean.device)
                  for b, s in self.graph.block_shapes().items()}  # fmt: skip
-        self._check = []
+        readers = [n for n, _ in self.hook_points() if n.endswith(READER_HOOKS)]
+        self._check = check = RebuildCheck(readers, self.graph.parallel)
         try:
             with self.fixed(zeros):
                 self._model(tokens.to(self.writer_mean.device))
-            worst = max(self._check, default=0.0)
         finally:
             self._check = None
-        if not worst <= REBUILD_RTOL:
-            raise TLNoiseValueError(
-                f"edge noise rebuilds this model's q/k/v with a relative error of {worst:.3g} "
-                f"(accepted: {REBUILD_RTOL}); its attention or layer norm computes them in a way "
-                "tl-noise does not reproduce"
-            )
-        return worst
+        return check.verify()
 
     # ----------------------------------------------------------- importance
     def edge_scores(self) -> dict[str, float]:

@@ -28,14 +28,15 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 
 
 def check_edge_model(model: Any) -> None:
-    """ValueError naming the setting when edge noise cannot rebuild this model's readers."""
+    """ValueError naming the setting when edge noise cannot rebuild this model's readers.
+
+    Rotary and ALiBi positions act on q/k after the projections edge noise recomputes (at
+    ``hook_q``/``hook_k``), so the model applies them to the rebuilt q/k as to its own; in
+    parallel attention/MLP blocks an MLP reads the block's input (:class:`EdgeGraph`). What a
+    model really computes is checked when the noise is attached
+    (:meth:`~tl_noise.edges.EdgeNoise.check_rebuild`)."""
     cfg = model.cfg
     problems = []
-    if _get(cfg, "parallel_attn_mlp"):
-        problems.append("parallel attention/MLP blocks (parallel_attn_mlp=True)")
-    pos = _get(cfg, "positional_embedding_type", "standard")
-    if pos not in (None, "standard", "shortformer"):
-        problems.append(f"positional_embedding_type={pos!r} (rotary/alibi act inside attention)")
     kv = _get(cfg, "n_key_value_heads")
     if kv is not None and (kv <= 0 or cfg.n_heads % kv):
         problems.append(f"n_key_value_heads={kv} does not divide n_heads={cfg.n_heads}")
@@ -46,7 +47,8 @@ def check_edge_model(model: Any) -> None:
         raise TLNoiseValueError(
             "edge noise cannot rebuild the readers of this model: "
             + "; ".join(problems)
-            + " (supported: sequential blocks with learned or no positional embeddings)"
+            + " (q/k normalisation and norms after attention or MLP act between a head's "
+            "input and its q/k/v or between a writer and the residual stream)"
         )
 
 
@@ -89,6 +91,18 @@ def _kv_groups(weight: Tensor, kv: int) -> Tensor:
     return weight if heads == kv else weight[:, :: heads // kv]
 
 
+def _bias(model: Any, name: str, weight: Tensor) -> Tensor:
+    """The model's stacked ``b_Q``/``b_K``/``b_V`` ``[n_layers, heads, d_head]``, or zeros where
+    the checkpoint's projection has no bias (a 4.x bridge then raises AttributeError)."""
+    try:
+        bias = getattr(model, name)
+    except AttributeError:
+        bias = None
+    if bias is None:
+        return weight.new_zeros(weight.shape[0], weight.shape[1], weight.shape[-1])
+    return bias.detach()
+
+
 def fold(norm: Norm, w: Float[Tensor, "R d_model d_head"],
          b: Float[Tensor, "R d_head"]) -> Projection:  # fmt: skip
     """``norm`` then ``x W_r + b_r`` as ``xhat(x) (diag(w_ln) W_r) + (b_ln W_r + b_r)``
@@ -117,7 +131,8 @@ class ReaderWeights:
         kv = int(_get(model.cfg, "n_key_value_heads") or model.cfg.n_heads)
         with torch.no_grad():
             w = [model.W_Q.detach()] + [_kv_groups(x.detach(), kv) for x in (model.W_K, model.W_V)]
-            b = [model.b_Q.detach()] + [_kv_groups(x.detach(), kv) for x in (model.b_K, model.b_V)]
+            b = [_bias(model, "b_Q", w[0])]
+            b += [_kv_groups(_bias(model, f"b_{x}", w[i + 1]), kv) for i, x in enumerate("KV")]
             w_o = model.W_O.detach()
             projections = [
                 fold(block_norm(model, model.blocks[layer].ln1),

@@ -304,10 +304,8 @@ class Run(RunFrames):
         malformed or the run is not an edge run)."""
         graph: Any = (self.config.get("noise") or {}).get("graph")
         try:
-            kv = graph.get("kv_heads")
-            return EdgeGraph(int(graph["n_layers"]), int(graph["n_heads"]), bool(graph["mlps"]),
-                             None if kv is None else int(kv))  # fmt: skip
-        except (KeyError, TypeError, ValueError) as err:
+            return EdgeGraph.from_config(graph)
+        except TLNoiseValueError as err:
             raise RunFileError(f"run {self.name!r} has no edge graph in its config ({err!r})",
                                str(self.path / CONFIG), "noise.graph") from err  # fmt: skip
 

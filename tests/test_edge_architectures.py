@@ -1,0 +1,125 @@
+"""Edge noise on the architectures users load (issue 13): rotary (Llama, Mistral, Qwen2, Pythia),
+grouped key/value heads, bias-free projections, local attention (GPT-Neo), OPT, and parallel
+attention/MLP blocks (Pythia; GPT-J on 3.x), each booted from a Hugging Face checkpoint written with
+``save_pretrained`` exactly as a hub name loads, and natively. On each the rebuilt readers equal the
+model's own, and ablating every edge out of a writer is mean-ablating that node: the rebuilt q/k/v
+and MLP inputs are the ones the model goes on to use. What cannot be rebuilt is refused at attach.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as hf
+from conftest import TINY, TL_MAJOR, freeze, save_tiny_checkpoint
+
+import tl_noise as tn
+from tl_noise.edges import EdgeGraph
+from tl_noise.hooks.ablation import ablation_hooks, node_means
+from tl_noise.models import build_native_model, load_model
+from tl_noise.runs.circuits import graph_edges, mib_cfg
+
+pytestmark = pytest.mark.tl3
+
+ROTARY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+              max_position_embeddings=64)  # fmt: skip
+ARCHITECTURES = {
+    "llama": (hf.LlamaConfig, hf.LlamaForCausalLM, dict(ROTARY, num_key_value_heads=2)),
+    "qwen2": (hf.Qwen2Config, hf.Qwen2ForCausalLM, dict(ROTARY, num_key_value_heads=2)),
+    "pythia": (hf.GPTNeoXConfig, hf.GPTNeoXForCausalLM, ROTARY),
+    "gpt-neo": (hf.GPTNeoConfig, hf.GPTNeoForCausalLM, dict(
+        hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+        max_position_embeddings=64, window_size=4)),
+    "opt": (hf.OPTConfig, hf.OPTForCausalLM, dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+        max_position_embeddings=64, word_embed_proj_dim=32)),
+}  # fmt: skip
+GPT_J = (hf.GPTJConfig, hf.GPTJForCausalLM, dict(n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                 rotary_dim=4))  # fmt: skip
+# parallel blocks whose MLP reads the attention's layer norm: a 4.x bridge has no hook before
+# it; 3.x's HookedTransformer gives GPT-J a (tied) ln2 behind hook_mlp_in
+REFUSED = {"gpt-j": GPT_J} if TL_MAJOR >= 4 else {}
+if TL_MAJOR < 4:
+    ARCHITECTURES["gpt-j"] = GPT_J
+NATIVE = {"native rotary": dict(positional_embedding_type="rotary", rotary_dim=4)}
+if TL_MAJOR < 4:  # a natively booted 4.x bridge runs its blocks in sequence whatever cfg says
+    NATIVE["native parallel"] = dict(parallel_attn_mlp=True)
+TOKENS = torch.randint(1, 40, (6, 10), generator=torch.Generator().manual_seed(0))
+
+
+def checkpoint(tmp_path_factory, name: str, table=ARCHITECTURES) -> str:
+    config_class, model_class, config = table[name]
+    # a neutral directory name: TransformerLens 3.x picks config branches by substrings of it
+    path = tmp_path_factory.mktemp("checkpoint")
+    return save_tiny_checkpoint(path, config_class, model_class, **config)
+
+
+@pytest.fixture(scope="module", params=list(ARCHITECTURES) + list(NATIVE))
+def model(request, tmp_path_factory):
+    if request.param in NATIVE:
+        return freeze(build_native_model({**TINY, **NATIVE[request.param]}))
+    return freeze(load_model(checkpoint(tmp_path_factory, request.param)))
+
+
+def zeros(graph: EdgeGraph) -> dict[str, torch.Tensor]:
+    return {b: torch.zeros(s) for b, s in graph.block_shapes().items()}
+
+
+def test_rebuilt_readers_equal_the_models_own(model):
+    clean = model(TOKENS)
+    with tn.attach_edge_noise(model, calibration_tokens=TOKENS) as noise:
+        assert noise.check_rebuild(TOKENS) <= 1e-5  # q/k/v, MLP inputs and the logits' input
+        with noise.fixed(zeros(noise.graph)):
+            torch.testing.assert_close(model(TOKENS), clean, rtol=1e-5, atol=1e-5)
+        mib = {n for n, _ in graph_edges(mib_cfg(model))}
+        if noise.graph.kv_heads is None:
+            assert set(noise.graph.locate()) == mib
+        else:  # a group's k/v edges carry its first query head's name
+            assert set(noise.graph.locate()) < mib
+    assert torch.equal(model(TOKENS), clean)
+
+
+def test_ablating_a_writers_edges_is_mean_ablating_the_node(model):
+    means = node_means(model, TOKENS)
+    noise = tn.attach_edge_noise(model, calibration_tokens=TOKENS)
+    try:
+        for node in ("a0.h1", "m0", "a1.h3"):
+            out = [e for e in noise.graph.locate() if e.startswith(f"{node}->")]
+            sigmas = zeros(noise.graph)
+            for edge in out:
+                block, row, column = noise.graph.locate()[edge]
+                sigmas[block][row, column] = 1.0
+            with noise.fixed(sigmas):
+                edges = model(TOKENS)
+            noise.remove()
+            reference = model.run_with_hooks(TOKENS, fwd_hooks=ablation_hooks(means, [node]))
+            noise.attach()
+            torch.testing.assert_close(edges, reference, rtol=1e-4, atol=1e-4)
+    finally:
+        noise.remove()
+
+
+def test_parallel_blocks_mlps_read_no_head_of_their_own_layer():
+    graph = EdgeGraph(2, 2, parallel=True)
+    assert graph.block_shapes()["blocks.1.mlp.edges"] == (1, 4)  # input, a0.h0, a0.h1, m0
+    assert EdgeGraph.from_config(graph.config()) == graph
+    old = {k: v for k, v in graph.config().items() if k != "parallel"}  # runs saved before
+    assert EdgeGraph.from_config(old) == EdgeGraph(2, 2)
+    with pytest.raises(ValueError, match="parallel='yes' is not a bool"):
+        EdgeGraph.from_config({**graph.config(), "parallel": "yes"})
+
+
+@pytest.mark.skipif(TL_MAJOR < 4, reason="4.x bridges")
+def test_what_cannot_be_rebuilt_is_refused_at_attach(tmp_path_factory):
+    gpt_j = freeze(load_model(checkpoint(tmp_path_factory, "gpt-j", REFUSED)))
+    # natively booted, a 4.x bridge runs its blocks in sequence although cfg says parallel
+    says_parallel = freeze(build_native_model({**TINY, "parallel_attn_mlp": True}))
+    for model, message in [
+        (gpt_j, r"never ran \['blocks\.0\.hook_mlp_in'"),
+        (says_parallel, r"parallel_attn_mlp=True\), but its MLP at blocks\.0\.hook_mlp_in"),
+    ]:
+        clean = model(TOKENS)
+        with pytest.raises(ValueError, match=message):
+            tn.attach_edge_noise(model, calibration_tokens=TOKENS)
+        assert not model.hook_dict["blocks.0.attn.hook_q"].fwd_hooks  # nothing left attached
+        assert torch.equal(model(TOKENS), clean)
