@@ -1,5 +1,6 @@
-"""Edge noise on the architectures users load (issue 13): rotary (Llama, Mistral, Qwen2, Pythia),
-grouped key/value heads, bias-free projections, local attention (GPT-Neo), OPT, and parallel
+"""Edge noise on the architectures users load (issue 13): rotary (Llama, Qwen2, Gemma, Pythia),
+ALiBi and an embedding norm (BLOOM), grouped key/value heads, bias-free projections, Gemma's
+``1 + weight`` RMS norm, local attention (GPT-Neo), OPT, and parallel
 attention/MLP blocks (Pythia; GPT-J on 3.x), each booted from a Hugging Face checkpoint written with
 ``save_pretrained`` exactly as a hub name loads, and natively. On each the rebuilt readers equal the
 model's own, and ablating every edge out of a writer is mean-ablating that node: the rebuilt q/k/v
@@ -15,6 +16,7 @@ from conftest import TINY, TL_MAJOR, freeze, save_tiny_checkpoint
 
 import tl_noise as tn
 from tl_noise.edges import EdgeGraph
+from tl_noise.edges.weights import Norm, as_applied
 from tl_noise.hooks.ablation import ablation_hooks, node_means
 from tl_noise.models import build_native_model, load_model
 from tl_noise.runs.circuits import graph_edges, mib_cfg
@@ -30,6 +32,9 @@ ARCHITECTURES = {
     "gpt-neo": (hf.GPTNeoConfig, hf.GPTNeoForCausalLM, dict(
         hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
         max_position_embeddings=64, window_size=4)),
+    "gemma": (hf.GemmaConfig, hf.GemmaForCausalLM, dict(  # RMS norm scaling by 1 + weight
+        ROTARY, num_key_value_heads=1, head_dim=8)),
+    "bloom": (hf.BloomConfig, hf.BloomForCausalLM, dict(hidden_size=32, n_layer=2, n_head=4)),
     "opt": (hf.OPTConfig, hf.OPTForCausalLM, dict(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
         max_position_embeddings=64, word_embed_proj_dim=32)),
@@ -56,6 +61,8 @@ def checkpoint(tmp_path_factory, name: str, table=ARCHITECTURES) -> str:
 
 @pytest.fixture(scope="module", params=list(ARCHITECTURES) + list(NATIVE))
 def model(request, tmp_path_factory):
+    if TL_MAJOR < 4 and request.param == "gemma":
+        pytest.skip("TransformerLens 3.x does not convert Gemma checkpoints it has no name for")
     if request.param in NATIVE:
         return freeze(build_native_model({**TINY, **NATIVE[request.param]}))
     return freeze(load_model(checkpoint(tmp_path_factory, request.param)))
@@ -116,10 +123,31 @@ def test_what_cannot_be_rebuilt_is_refused_at_attach(tmp_path_factory):
     says_parallel = freeze(build_native_model({**TINY, "parallel_attn_mlp": True}))
     for model, message in [
         (gpt_j, r"never ran \['blocks\.0\.hook_mlp_in'"),
-        (says_parallel, r"parallel_attn_mlp=True\), but its MLP at blocks\.0\.hook_mlp_in"),
+        (says_parallel, r"parallel_attn_mlp=True\), but its MLP at blocks\.0\.ln2\.hook_in"),
     ]:
         clean = model(TOKENS)
         with pytest.raises(ValueError, match=message):
             tn.attach_edge_noise(model, calibration_tokens=TOKENS)
         assert not model.hook_dict["blocks.0.attn.hook_q"].fwd_hooks  # nothing left attached
         assert torch.equal(model(TOKENS), clean)
+
+
+def test_a_norm_is_read_as_it_is_applied():
+    """Parameters that reproduce the module are kept as they are; otherwise (a norm scaling by
+    ``1 + weight``) the applied weight and bias are measured from its output."""
+
+    class OnePlus(torch.nn.Module):
+        def __init__(self, d: int) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.linspace(-0.5, 0.5, d))
+            self.bias = torch.nn.Parameter(torch.linspace(0.1, 0.2, d))
+
+        def forward(self, x):
+            return torch.nn.functional.layer_norm(x, x.shape[-1:], 1 + self.weight, self.bias)
+
+    module, plain = OnePlus(16), torch.nn.LayerNorm(16)
+    norm = as_applied(module, Norm("LN", module.weight.detach(), module.bias.detach(), 1e-5))
+    torch.testing.assert_close(norm.w, 1 + module.weight.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(norm.b, module.bias.detach(), rtol=1e-5, atol=1e-5)
+    kept = Norm("LN", plain.weight.detach(), plain.bias.detach(), 1e-5)
+    assert as_applied(plain, kept) is kept

@@ -23,8 +23,9 @@ group (a layer's q, k and v readers together, at the first of the three hooks; a
 logits) is rebuilt from its prefix chunk by chunk of tokens, in one autograd function that keeps
 nothing of size ``tokens x readers x d_model`` (:mod:`tl_noise.edges.readers`). A head's rebuilt
 input goes through ``ln1`` and its own ``W_Q``/``W_K``/``W_V`` (:mod:`tl_noise.edges.weights`),
-replacing the model's ``hook_q``/``hook_k``/``hook_v``; an MLP's replaces ``hook_mlp_in``
-(before ``ln2``, as TransformerLens puts it; ``use_hook_mlp_in`` is switched on while attached)
+replacing the model's ``hook_q``/``hook_k``/``hook_v``; an MLP's replaces the input of its
+``ln2`` (``blocks.{l}.ln2.hook_in`` on a 4.x bridge, else ``hook_mlp_in``, before ``ln2`` as
+TransformerLens puts it; ``use_hook_mlp_in`` is switched on while attached)
 and the logits' the last block's ``hook_resid_post``. Nothing else in the residual stream
 changes.
 """
@@ -106,7 +107,8 @@ class EdgeNoise(NoiseHooks):
                 points.append((f"blocks.{layer}.attn.hook_{x}", self._qkv_hook(layer, which)))
             points.append((f"blocks.{layer}.attn.hook_z", self._z_hook(layer)))
             if self.graph.mlps:
-                points.append((f"blocks.{layer}.hook_mlp_in", self._mlp_in_hook(layer)))
+                name = self._mlp_input(layer)
+                points.append((name, self._mlp_in_hook(layer, name)))
                 points.append((f"blocks.{layer}.hook_mlp_out", self._mlp_out_hook(layer)))
         points.append((f"blocks.{n_layers - 1}.hook_resid_post", self._logits_hook()))
         return points
@@ -243,8 +245,12 @@ class EdgeNoise(NoiseHooks):
 
         return read
 
-    def _mlp_in_hook(self, layer: int) -> Callable:
-        name = f"blocks.{layer}.hook_mlp_in"
+    def _mlp_input(self, layer: int) -> str:
+        """The hook point of an MLP's input before its norm (see the module doc)."""
+        name = f"blocks.{layer}.ln2.hook_in"
+        return name if name in self._model.hook_dict else f"blocks.{layer}.hook_mlp_in"
+
+    def _mlp_in_hook(self, layer: int, name: str) -> Callable:
         read = self._reader_hook(mlp_block(layer), name)
 
         def hook(x: Tensor, hook: Any) -> Tensor | None:

@@ -40,7 +40,7 @@ def check_edge_model(model: Any) -> None:
     kv = _get(cfg, "n_key_value_heads")
     if kv is not None and (kv <= 0 or cfg.n_heads % kv):
         problems.append(f"n_key_value_heads={kv} does not divide n_heads={cfg.n_heads}")
-    for key in ("use_qk_norm", "use_normalization_before_and_after", "post_embedding_ln"):
+    for key in ("use_qk_norm", "use_normalization_before_and_after"):
         if _get(cfg, key):
             problems.append(f"{key}=True")
     if problems:
@@ -81,7 +81,30 @@ def block_norm(model: Any, module: Any) -> Norm:
     kind = str(_get(model.cfg, "normalization_type")).upper()
     kind_or_none = None if kind == "NONE" else kind
     w, b = _norm_parameters(module) if kind_or_none in ("LN", "RMS") else (None, None)
-    return Norm(kind_or_none, w, b, float(_get(model.cfg, "eps", 1e-5)))
+    return as_applied(module, Norm(kind_or_none, w, b, float(_get(model.cfg, "eps", 1e-5))))
+
+
+def as_applied(module: Any, norm: Norm) -> Norm:
+    """``norm`` with the weight and bias ``module`` really applies after normalising: where its
+    parameters do not reproduce its output on probe inputs (Gemma's RMS norm scales by
+    ``1 + weight``), both are measured from that output, per dimension by least squares
+    (``out_j = xhat_j w_j + b_j`` over 64 random rows, in float64)."""
+    if norm.kind not in ("LN", "RMS") or norm.w is None:
+        return norm
+    w0 = norm.w
+    x = torch.randn(64, w0.shape[-1], generator=torch.Generator().manual_seed(0))
+    xhat = x.double() - x.double().mean(-1, keepdim=True) if norm.kind == "LN" else x.double()
+    xhat = xhat * (xhat.square().mean(-1, keepdim=True) + norm.eps).rsqrt()
+    with torch.no_grad():
+        out = getattr(module, "_original_component", module)(x.to(w0.device, w0.dtype))
+    out = out.double().cpu()
+    ours = xhat * w0.double().cpu() + (0.0 if norm.b is None else norm.b.double().cpu())
+    if float((ours - out).abs().max()) <= 1e-5 * float(out.abs().max()):
+        return norm
+    centred = xhat - xhat.mean(0)
+    w = (centred * (out - out.mean(0))).sum(0) / centred.square().sum(0)
+    b = out.mean(0) - xhat.mean(0) * w
+    return Norm(norm.kind, w.to(w0.device, w0.dtype), b.to(w0.device, w0.dtype), norm.eps)
 
 
 def _kv_groups(weight: Tensor, kv: int) -> Tensor:
