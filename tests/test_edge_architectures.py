@@ -9,12 +9,15 @@ and MLP inputs are the ones the model goes on to use. What cannot be rebuilt is 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers as hf
 from conftest import TINY, TL_MAJOR, freeze, save_tiny_checkpoint
 
 import tl_noise as tn
+from tl_noise.cli.main import main as cli
 from tl_noise.edges import EdgeGraph
 from tl_noise.edges.weights import Norm, as_applied
 from tl_noise.hooks.ablation import ablation_hooks, node_means
@@ -151,3 +154,23 @@ def test_a_norm_is_read_as_it_is_applied():
     torch.testing.assert_close(norm.b, module.bias.detach(), rtol=1e-5, atol=1e-5)
     kept = Norm("LN", plain.weight.detach(), plain.bias.detach(), 1e-5)
     assert as_applied(plain, kept) is kept
+
+
+@pytest.mark.slow
+def test_a_parallel_models_fit_exports_mibs_parallel_graph(tmp_path, tmp_path_factory):
+    """The contract end to end on Pythia: fit, save the run, export MIB's JSON, whose cfg and
+    edges are those of a parallel model, and read it back."""
+    model = freeze(load_model(checkpoint(tmp_path_factory, "pythia")))
+    mask = torch.zeros_like(TOKENS, dtype=torch.bool)
+    mask[:, -3:] = True
+    with tn.attach_edge_noise(model, calibration_tokens=TOKENS) as noise:
+        tn.fit(model, noise, TOKENS, loss_mask=mask, steps=6, batch_size=3,
+               run_dir=tmp_path / "run", quiet=True)  # fmt: skip
+        scores = tn.edge_importance(noise)
+    assert cli(["export", str(tmp_path / "run"), "--format", "mib", "--size", "7"]) == 0
+    data = json.loads((tmp_path / "run" / "circuit.json").read_text())
+    assert data["cfg"]["parallel_attn_mlp"] is True
+    assert set(data["edges"]) == set(scores) == {n for n, _ in graph_edges(mib_cfg(model))}
+    assert "a1.h0->m1" not in data["edges"] and "a0.h0->m1" in data["edges"]
+    circuit = tn.load_circuit(tmp_path / "run" / "circuit.json")
+    assert len(circuit.edges_in_graph) == 7

@@ -47,7 +47,8 @@ def _model_cfg(run: Any) -> dict[str, Any]:
         "n_heads": fingerprint["n_heads"],
         "d_model": fingerprint.get("d_model") or 0,
         "attn_only": bool(fingerprint.get("attn_only")),
-        "parallel_attn_mlp": False,
+        # an edge run's graph says; a node circuit's file has no edges for it to change
+        "parallel_attn_mlp": run.is_edge_run() and run.edge_graph().parallel,
     }
 
 

@@ -54,10 +54,12 @@ def attach_edge_noise(
         init_std, parameterization, seed: as for :func:`tl_noise.attach_noise` (Cloak
             ``(1e-4, 1)`` by default; ``(1e-4, 2)`` when additive).
 
-    Edge noise cannot rebuild parallel attention/MLP blocks, rotary or alibi attention or q/k
-    normalisation: those raise a ValueError naming the setting. With grouped key/value heads the
-    ``<k>``/``<v>`` readers are one per group (:class:`~tl_noise.edges.EdgeGraph`). After
-    attaching, the rebuilt q/k/v with every edge kept are checked against the model's own.
+    Rotary, ALiBi, grouped key/value heads and parallel attention/MLP blocks are rebuilt
+    (:mod:`tl_noise.edges.weights`); q/k normalisation and norms after the attention or MLP
+    raise a ValueError naming the setting. After attaching, every rebuilt reader with every edge
+    kept is checked against the model's own (:mod:`tl_noise.edges.check`): a model computing a
+    reader otherwise is refused, with nothing left attached. With grouped key/value heads the
+    ``<k>``/``<v>`` readers are one per group (:class:`~tl_noise.edges.EdgeGraph`).
     """
     check_noise_arguments(model, parameterization, seed)
     check_edge_model(model)
