@@ -61,6 +61,12 @@ def graph_root(tmp_path_factory) -> Path:
     summary["ranking_info"]["faithfulness"] = {"k": [1, 2], "faithfulness": ["high"]}
     write_json(bad_curve / "summary.json", summary)
 
+    resample = root / "edges-resample"  # as a fit with corrupted tokens records it
+    shutil.copytree(root / "edges", resample)
+    summary = json.loads((resample / "summary.json").read_text())
+    summary["ranking_info"]["ablation"] = "resample"
+    write_json(resample / "summary.json", summary)
+
     bad_graph = root / "edges-bad-graph"
     shutil.copytree(root / "edges", bad_graph)
     config = json.loads((bad_graph / "config.json").read_text())
@@ -176,6 +182,17 @@ def test_edge_graph_draws_the_top_k_with_the_measured_faithfulness(graph_root, m
         assert at.metric[0].value == f"{k} of {n_edges}"
         marked = trace(charts(at)[graph_curve_title()], "drawn")
         assert marked["x"] == [k] and marked["y"] == [measured]
+
+
+def test_the_graph_says_how_the_edges_outside_it_were_ablated(graph_root, monkeypatch):
+    for name, ablation in [("edges", "mean"), ("edges-resample", "resample")]:
+        assert Run(graph_root / name).edge_ablation() == ablation
+        at = open_app(monkeypatch, graph_root, name)
+        assert_clean(at)
+        said = [c.value for c in at.caption if "outside the drawn circuit" in c.value]
+        assert said == [f"Every edge outside the drawn circuit is {ablation}-ablated " + (
+            "(its writer's mean contribution)." if ablation == "mean"
+            else "(its writer's contribution on the example's counterfactual).")]  # fmt: skip
 
 
 def graph_curve_title() -> str:

@@ -1,10 +1,11 @@
 """Edge noise on the architectures users load (issue 13): rotary (Llama, Qwen2, Gemma, Pythia),
 ALiBi and an embedding norm (BLOOM), grouped key/value heads, bias-free projections, Gemma's
-``1 + weight`` RMS norm, local attention (GPT-Neo), OPT, and parallel
-attention/MLP blocks (Pythia; GPT-J on 3.x), each booted from a Hugging Face checkpoint written with
-``save_pretrained`` exactly as a hub name loads, and natively. On each the rebuilt readers equal the
-model's own, and ablating every edge out of a writer is mean-ablating that node: the rebuilt q/k/v
-and MLP inputs are the ones the model goes on to use. What cannot be rebuilt is refused at attach.
+``1 + weight`` RMS norm, local attention (GPT-Neo), OPT, and parallel attention/MLP blocks
+(Pythia, and GPT-J and Phi, whose MLP reads the attention's norm), each booted from a Hugging
+Face checkpoint written with ``save_pretrained`` exactly as a hub name loads, and natively. On
+each the rebuilt readers equal the model's own, and ablating every edge out of a writer is
+mean-ablating that node: the rebuilt q/k/v and MLP inputs are the ones the model goes on to use.
+What cannot be rebuilt is refused at attach.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from conftest import TINY, TL_MAJOR, freeze, save_tiny_checkpoint
 import tl_noise as tn
 from tl_noise.cli.main import main as cli
 from tl_noise.edges import EdgeGraph
+from tl_noise.edges.check import RebuildCheck
 from tl_noise.edges.weights import Norm, as_applied
 from tl_noise.hooks.ablation import ablation_hooks, node_means
 from tl_noise.models import build_native_model, load_model
@@ -42,13 +44,16 @@ ARCHITECTURES = {
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
         max_position_embeddings=64, word_embed_proj_dim=32)),
 }  # fmt: skip
-GPT_J = (hf.GPTJConfig, hf.GPTJForCausalLM, dict(n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                                 rotary_dim=4))  # fmt: skip
-# parallel blocks whose MLP reads the attention's layer norm: a 4.x bridge has no hook before
-# it; 3.x's HookedTransformer gives GPT-J a (tied) ln2 behind hook_mlp_in
-REFUSED = {"gpt-j": GPT_J} if TL_MAJOR >= 4 else {}
-if TL_MAJOR < 4:
-    ARCHITECTURES["gpt-j"] = GPT_J
+PARALLEL_SHARED_NORM = {  # parallel blocks whose MLP reads the attention's layer norm
+    "gpt-j": (hf.GPTJConfig, hf.GPTJForCausalLM, dict(n_embd=32, n_layer=2, n_head=4,
+                                                      n_positions=64, rotary_dim=4)),
+    "phi": (hf.PhiConfig, hf.PhiForCausalLM, ROTARY),
+}  # fmt: skip
+ARCHITECTURES.update(PARALLEL_SHARED_NORM)
+NOT_ON_TL3 = {  # what TransformerLens 3.x's own loader fails on
+    "gemma": "TransformerLens 3.x converts no Gemma checkpoint it has no official name for",
+    "phi": "TransformerLens 3.x reads PhiConfig.partial_rotary_factor, which transformers dropped",
+}
 NATIVE = {"native rotary": dict(positional_embedding_type="rotary", rotary_dim=4)}
 if TL_MAJOR < 4:  # a natively booted 4.x bridge runs its blocks in sequence whatever cfg says
     NATIVE["native parallel"] = dict(parallel_attn_mlp=True)
@@ -64,8 +69,8 @@ def checkpoint(tmp_path_factory, name: str, table=ARCHITECTURES) -> str:
 
 @pytest.fixture(scope="module", params=list(ARCHITECTURES) + list(NATIVE))
 def model(request, tmp_path_factory):
-    if TL_MAJOR < 4 and request.param == "gemma":
-        pytest.skip("TransformerLens 3.x does not convert Gemma checkpoints it has no name for")
+    if TL_MAJOR < 4 and request.param in NOT_ON_TL3:
+        pytest.skip(NOT_ON_TL3[request.param])
     if request.param in NATIVE:
         return freeze(build_native_model({**TINY, **NATIVE[request.param]}))
     return freeze(load_model(checkpoint(tmp_path_factory, request.param)))
@@ -119,20 +124,24 @@ def test_parallel_blocks_mlps_read_no_head_of_their_own_layer():
         EdgeGraph.from_config({**graph.config(), "parallel": "yes"})
 
 
-@pytest.mark.skipif(TL_MAJOR < 4, reason="4.x bridges")
-def test_what_cannot_be_rebuilt_is_refused_at_attach(tmp_path_factory):
-    gpt_j = freeze(load_model(checkpoint(tmp_path_factory, "gpt-j", REFUSED)))
-    # natively booted, a 4.x bridge runs its blocks in sequence although cfg says parallel
-    says_parallel = freeze(build_native_model({**TINY, "parallel_attn_mlp": True}))
-    for model, message in [
-        (gpt_j, r"never ran \['blocks\.0\.hook_mlp_in'"),
-        (says_parallel, r"parallel_attn_mlp=True\), but its MLP at blocks\.0\.ln2\.hook_in"),
-    ]:
-        clean = model(TOKENS)
-        with pytest.raises(ValueError, match=message):
-            tn.attach_edge_noise(model, calibration_tokens=TOKENS)
-        assert not model.hook_dict["blocks.0.attn.hook_q"].fwd_hooks  # nothing left attached
-        assert torch.equal(model(TOKENS), clean)
+@pytest.mark.skipif(TL_MAJOR < 4, reason="a natively booted 4.x bridge")
+def test_a_model_that_is_not_what_its_cfg_says_is_refused_at_attach():
+    """Natively booted, a 4.x bridge runs its blocks in sequence although cfg says parallel: the
+    graph would rebuild its MLPs' inputs from the wrong writers."""
+    model = freeze(build_native_model({**TINY, "parallel_attn_mlp": True}))
+    clean = model(TOKENS)
+    with pytest.raises(ValueError, match=r"parallel_attn_mlp=True\), but its MLP at blocks\.0\."):
+        tn.attach_edge_noise(model, calibration_tokens=TOKENS)
+    assert not model.hook_dict["blocks.0.attn.hook_q"].fwd_hooks  # nothing left attached
+    assert torch.equal(model(TOKENS), clean)
+
+
+def test_a_reader_whose_hook_never_runs_is_refused():
+    """An MLP input hook the model never runs: refused, naming it (not left unnoised)."""
+    check = RebuildCheck(["blocks.0.attn.hook_q", "blocks.0.hook_mlp_in"], parallel=False)
+    check.record("blocks.0.attn.hook_q", torch.ones(3), torch.ones(3))
+    with pytest.raises(ValueError, match=r"never ran \['blocks\.0\.hook_mlp_in'\]"):
+        check.verify()
 
 
 def test_a_norm_is_read_as_it_is_applied():

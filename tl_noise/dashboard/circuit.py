@@ -27,6 +27,10 @@ from tl_noise.names import MLP_HOOKS, head_node, hook_layer, mlp_node
 from tl_noise.runs import Run
 from tl_noise.runs.schema import importance_of
 
+ABLATED = {
+    "mean": "mean-ablated (its writer's mean contribution)",
+    "resample": "resample-ablated (its writer's contribution on the example's counterfactual)",
+}
 TARGET = 0.8  # the size slider starts at the smallest measured size reaching this faithfulness
 DEFAULT_K = 50  # ... or at this many edges when the run measured none
 PER_HEAD_NOTE = (
@@ -113,12 +117,14 @@ def edge_graph(run: Run, step: int, latest: bool, truth: dict | None) -> None:
     left, right = st.columns(2)
     left.metric("Edges drawn", f"{k} of {len(ranked)}")
     if faithfulness is not None:
+        ablated = ABLATED[run.edge_ablation()]
         right.metric(
             "Measured faithfulness of the drawn circuit",
             f"{faithfulness:.4g}",
-            help="Measured at the end of the fit: these k edges kept, every other edge "
-            "mean-ablated; 1 = the full model's behaviour, 0 = all edges ablated.",
+            help=f"Measured at the end of the fit: these k edges kept, every other edge "
+            f"{ablated}; 1 = the full model's behaviour, 0 = all edges ablated.",
         )
+        st.caption(f"Every edge outside the drawn circuit is {ablated}.")
     else:
         right.metric("Measured faithfulness of the drawn circuit", "-")
         st.caption(

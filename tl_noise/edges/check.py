@@ -22,7 +22,8 @@ from tl_noise.errors import TLNoiseValueError
 REBUILD_RTOL = 1e-4
 """The largest relative difference between a rebuilt reader and the model's own (float32) that
 :meth:`~tl_noise.edges.EdgeNoise.check_rebuild` accepts."""
-READER_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_mlp_in", "ln2.hook_in", "hook_resid_post")
+READER_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_mlp_in", "ln2.hook_in", "mlp.hook_in",
+                "hook_resid_post")  # fmt: skip
 """How the hook points edge noise replaces a reader at end (the others only record writers)."""
 
 

@@ -23,11 +23,9 @@ group (a layer's q, k and v readers together, at the first of the three hooks; a
 logits) is rebuilt from its prefix chunk by chunk of tokens, in one autograd function that keeps
 nothing of size ``tokens x readers x d_model`` (:mod:`tl_noise.edges.readers`). A head's rebuilt
 input goes through ``ln1`` and its own ``W_Q``/``W_K``/``W_V`` (:mod:`tl_noise.edges.weights`),
-replacing the model's ``hook_q``/``hook_k``/``hook_v``; an MLP's replaces the input of its
-``ln2`` (``blocks.{l}.ln2.hook_in`` on a 4.x bridge, else ``hook_mlp_in``, before ``ln2`` as
-TransformerLens puts it; ``use_hook_mlp_in`` is switched on while attached)
-and the logits' the last block's ``hook_resid_post``. Nothing else in the residual stream
-changes.
+replacing the model's ``hook_q``/``hook_k``/``hook_v``; an MLP's replaces its input before its
+norm (:func:`~tl_noise.edges.weights.mlp_input`; ``use_hook_mlp_in`` is on while attached) and
+the logits' the last block's ``hook_resid_post``. Nothing else in the residual stream changes.
 """
 
 from __future__ import annotations
@@ -46,7 +44,7 @@ from tl_noise.edges.draws import TokenDraw
 from tl_noise.edges.graph import LOGITS_BLOCK, QKV, EdgeGraph, attn_block, mlp_block
 from tl_noise.edges.readers import Group, Projection, chunk_tokens, read
 from tl_noise.edges.store import BufferPool, WriterStore
-from tl_noise.edges.weights import ReaderWeights, check_edge_model
+from tl_noise.edges.weights import ReaderWeights, check_edge_model, mlp_input
 from tl_noise.errors import TLNoiseValueError
 from tl_noise.hooks.calibration import add_permanent_hook, default_probe_tokens, remove_hook
 from tl_noise.hooks.noise_hooks import CORRUPTED_KEY, NOISE_KINDS, NoiseHooks
@@ -107,8 +105,8 @@ class EdgeNoise(NoiseHooks):
                 points.append((f"blocks.{layer}.attn.hook_{x}", self._qkv_hook(layer, which)))
             points.append((f"blocks.{layer}.attn.hook_z", self._z_hook(layer)))
             if self.graph.mlps:
-                name = self._mlp_input(layer)
-                points.append((name, self._mlp_in_hook(layer, name)))
+                name, normed = mlp_input(self._model, layer, self.graph.parallel)
+                points.append((name, self._mlp_in_hook(layer, name, normed)))
                 points.append((f"blocks.{layer}.hook_mlp_out", self._mlp_out_hook(layer)))
         points.append((f"blocks.{n_layers - 1}.hook_resid_post", self._logits_hook()))
         return points
@@ -127,7 +125,7 @@ class EdgeNoise(NoiseHooks):
                 f"hook point(s) {taken} already carry tl-noise noise; remove it first "
                 "(noise.remove()): edge noise reads and rebuilds the whole residual stream"
             )
-        self._weights = ReaderWeights.of(self._model)
+        self._weights = ReaderWeights.of(self._model, self.graph)
         if self.graph.mlps:
             self._mlp_in_flag = bool(getattr(self._model.cfg, "use_hook_mlp_in", False))
             self._model.set_use_hook_mlp_in(True)
@@ -234,27 +232,28 @@ class EdgeNoise(NoiseHooks):
 
         return hook
 
-    def _reader_hook(self, block: str, name: str) -> Callable[[Tensor, Any], Tensor | None]:
+    def _reader_hook(self, block: str, name: str, normed: int | None = None) -> Callable:
+        """A reader replacing the hook's input ``x``; ``normed``: an MLP reading the ``ln1`` of
+        that layer, rebuilt from the layer's input and normed (:func:`mlp_input`)."""
+
         def read(x: Tensor, hook: Any) -> Tensor | None:
             if not self._active(block):
                 return None
-            out = self._read(block, x, None)[:, :, 0]
+            base, norm = x, None
+            if normed is not None and self._weights is not None:
+                base, norm = self._resid[normed], self._weights.mlp_norms[normed]
+            out = self._read(block, base, norm)[:, :, 0]
             if self._check is not None:
                 self._check.record(name, out, x)
             return out
 
         return read
 
-    def _mlp_input(self, layer: int) -> str:
-        """The hook point of an MLP's input before its norm (see the module doc)."""
-        name = f"blocks.{layer}.ln2.hook_in"
-        return name if name in self._model.hook_dict else f"blocks.{layer}.hook_mlp_in"
-
-    def _mlp_in_hook(self, layer: int, name: str) -> Callable:
-        read = self._reader_hook(mlp_block(layer), name)
+    def _mlp_in_hook(self, layer: int, name: str, normed: bool) -> Callable:
+        read = self._reader_hook(mlp_block(layer), name, layer if normed else None)
 
         def hook(x: Tensor, hook: Any) -> Tensor | None:
-            if self._check is not None:
+            if self._check is not None and not normed:
                 self._check.record_mlp_input(name, x, self._resid[layer])
             return read(x, hook)
 

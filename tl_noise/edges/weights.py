@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_noise.edges.graph import EdgeGraph
 from tl_noise.edges.readers import Projection
 from tl_noise.errors import TLNoiseValueError
 
@@ -114,6 +115,26 @@ def _kv_groups(weight: Tensor, kv: int) -> Tensor:
     return weight if heads == kv else weight[:, :: heads // kv]
 
 
+def mlp_input(model: Any, layer: int, parallel: bool) -> tuple[str, bool]:
+    """``(hook point, normed)`` of MLP ``layer``'s input: its ``ln2``'s input on a 4.x bridge
+    (``blocks.{l}.ln2.hook_in``), else ``hook_mlp_in`` (3.x), except in a 4.x parallel block
+    whose MLP reads the attention's ``ln1`` (GPT-J, Phi: no ``ln2``, no hook before the norm):
+    there the MLP's own normed input ``blocks.{l}.mlp.hook_in`` (``normed``)."""
+    hooks, prefix = model.hook_dict, f"blocks.{layer}"
+    if f"{prefix}.ln2.hook_in" in hooks:
+        return f"{prefix}.ln2.hook_in", False
+    shared = parallel and f"{prefix}.ln1.hook_in" in hooks and f"{prefix}.mlp.hook_in" in hooks
+    if shared and getattr(model.blocks[layer], "ln2", None) is None:
+        return f"{prefix}.mlp.hook_in", True
+    return f"{prefix}.hook_mlp_in", False
+
+
+def _normed_mlps(model: Any, graph: EdgeGraph | None) -> list[int]:
+    if graph is None or not graph.mlps:
+        return []
+    return [i for i in range(graph.n_layers) if mlp_input(model, i, graph.parallel)[1]]
+
+
 def _bias(model: Any, name: str, weight: Tensor) -> Tensor:
     """The model's stacked ``b_Q``/``b_K``/``b_V`` ``[n_layers, heads, d_head]``, or zeros where
     the checkpoint's projection has no bias (a 4.x bridge then raises AttributeError)."""
@@ -148,9 +169,12 @@ class ReaderWeights:
 
     projections: list[Projection]
     w_o: list[Tensor]
+    mlp_norms: dict[int, Projection]  # layer -> ln1 alone, for an MLP reading it (mlp_input)
 
     @classmethod
-    def of(cls, model: Any) -> ReaderWeights:
+    def of(cls, model: Any, graph: EdgeGraph | None = None) -> ReaderWeights:
+        """The weights of ``model``, with ``mlp_norms`` for the MLPs of ``graph`` that read
+        their attention's norm (:func:`mlp_input`)."""
         kv = int(_get(model.cfg, "n_key_value_heads") or model.cfg.n_heads)
         with torch.no_grad():
             w = [model.W_Q.detach()] + [_kv_groups(x.detach(), kv) for x in (model.W_K, model.W_V)]
@@ -162,7 +186,10 @@ class ReaderWeights:
                      torch.cat([x[layer] for x in w]), torch.cat([x[layer] for x in b]))
                 for layer in range(int(model.cfg.n_layers))
             ]  # fmt: skip
-        return cls(projections, [w_o[layer] for layer in range(int(model.cfg.n_layers))])
+            eye = torch.eye(int(model.cfg.d_model), dtype=w_o.dtype, device=w_o.device)[None]
+            norms = {layer: fold(block_norm(model, model.blocks[layer].ln1), eye, eye[:, 0] * 0)
+                     for layer in _normed_mlps(model, graph)}  # fmt: skip
+        return cls(projections, [w_o[layer] for layer in range(int(model.cfg.n_layers))], norms)
 
     def head_outputs(
         self, layer: int, z: Float[Tensor, "batch pos n_heads d_head"]

@@ -342,6 +342,13 @@ class Run(RunFrames):
         curve = info.get("faithfulness") if isinstance(info, dict) else None
         return faithfulness_of(curve, str(self._summary))
 
+    def edge_ablation(self) -> str:
+        """How the end-of-fit curve ablated the edges outside a circuit: ``"mean"`` (default
+        fits; runs that did not record it) or ``"resample"`` (fits with corrupted tokens)."""
+        info = (self.summary() or {}).get("ranking_info")
+        ablation = info.get("ablation") if isinstance(info, dict) else None
+        return "resample" if ablation == "resample" else "mean"
+
     @property
     def _summary(self) -> Path:
         return self.path / SUMMARY
