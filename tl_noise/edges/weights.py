@@ -100,7 +100,8 @@ def as_applied(module: Any, norm: Norm) -> Norm:
         out = getattr(module, "_original_component", module)(x.to(w0.device, w0.dtype))
     out = out.double().cpu()
     ours = xhat * w0.double().cpu() + (0.0 if norm.b is None else norm.b.double().cpu())
-    if float((ours - out).abs().max()) <= 1e-5 * float(out.abs().max()):
+    tolerance = max(1e-5, 16 * torch.finfo(w0.dtype).eps)  # half-precision modules round
+    if float((ours - out).abs().max()) <= tolerance * float(out.abs().max()):
         return norm
     centred = xhat - xhat.mean(0)
     w = (centred * (out - out.mean(0))).sum(0) / centred.square().sum(0)
