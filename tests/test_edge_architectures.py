@@ -1,4 +1,5 @@
 """Edge noise on the architectures users load (issue 13): rotary (Llama, Qwen2, Gemma, Pythia),
+q/k norms (Qwen3), mixture-of-experts MLPs (Mixtral), Falcon, multi-query attention (GPT-BigCode),
 ALiBi and an embedding norm (BLOOM), grouped key/value heads, bias-free projections, Gemma's
 ``1 + weight`` RMS norm, local attention (GPT-Neo), OPT, and parallel attention/MLP blocks
 (Pythia, and GPT-J and Phi, whose MLP reads the attention's norm), each booted from a Hugging
@@ -37,6 +38,14 @@ ARCHITECTURES = {
     "gpt-neo": (hf.GPTNeoConfig, hf.GPTNeoForCausalLM, dict(
         hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
         max_position_embeddings=64, window_size=4)),
+    "qwen3": (hf.Qwen3Config, hf.Qwen3ForCausalLM, dict(  # q/k norms after hook_q/hook_k
+        ROTARY, num_key_value_heads=2, head_dim=8)),
+    "mixtral": (hf.MixtralConfig, hf.MixtralForCausalLM, dict(  # mixture-of-experts MLPs
+        ROTARY, num_key_value_heads=2, num_local_experts=2)),
+    "falcon": (hf.FalconConfig, hf.FalconForCausalLM, dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4)),
+    "gpt-bigcode": (hf.GPTBigCodeConfig, hf.GPTBigCodeForCausalLM, dict(  # one key/value head
+        n_embd=32, n_layer=2, n_head=4, n_positions=64)),
     "gemma": (hf.GemmaConfig, hf.GemmaForCausalLM, dict(  # RMS norm scaling by 1 + weight
         ROTARY, num_key_value_heads=1, head_dim=8)),
     "bloom": (hf.BloomConfig, hf.BloomForCausalLM, dict(hidden_size=32, n_layer=2, n_head=4)),
@@ -52,9 +61,15 @@ PARALLEL_SHARED_NORM = {  # parallel blocks whose MLP reads the attention's laye
 ARCHITECTURES.update(PARALLEL_SHARED_NORM)
 NOT_ON_TL3 = {  # what TransformerLens 3.x's own loader fails on
     "gemma": "TransformerLens 3.x converts no Gemma checkpoint it has no official name for",
+    "falcon": "TransformerLens 3.x does not support FalconForCausalLM",
+    "gpt-bigcode": "TransformerLens 3.x does not support GPTBigCodeForCausalLM",
     "phi": "TransformerLens 3.x reads PhiConfig.partial_rotary_factor, which transformers dropped",
 }
-NATIVE = {"native rotary": dict(positional_embedding_type="rotary", rotary_dim=4)}
+NATIVE = {
+    "native rotary": dict(positional_embedding_type="rotary", rotary_dim=4),
+    "native q/k norm": dict(positional_embedding_type="rotary", rotary_dim=4, use_qk_norm=True,
+                            normalization_type="RMS"),
+}  # fmt: skip
 if TL_MAJOR < 4:  # a natively booted 4.x bridge runs its blocks in sequence whatever cfg says
     NATIVE["native parallel"] = dict(parallel_attn_mlp=True)
 TOKENS = torch.randint(1, 40, (6, 10), generator=torch.Generator().manual_seed(0))
@@ -134,6 +149,25 @@ def test_a_model_that_is_not_what_its_cfg_says_is_refused_at_attach():
         tn.attach_edge_noise(model, calibration_tokens=TOKENS)
     assert not model.hook_dict["blocks.0.attn.hook_q"].fwd_hooks  # nothing left attached
     assert torch.equal(model(TOKENS), clean)
+
+
+@pytest.mark.skipif(TL_MAJOR < 4, reason="a Hugging Face-booted 4.x bridge")
+def test_norms_after_the_attention_are_found_where_cfg_does_not_say_so(tmp_path_factory):
+    """Gemma 2 normalises each attention and MLP output before adding it: a head's ``z W_O`` is
+    not what it writes. Its bridge's cfg does not say so; the residual-sum check finds it. OLMo 2
+    has only those norms (no ln1)."""
+    gemma2 = (hf.Gemma2Config, hf.Gemma2ForCausalLM, dict(ROTARY, num_key_value_heads=2,
+                                                          head_dim=8))  # fmt: skip
+    model = freeze(load_model(checkpoint(tmp_path_factory, "gemma2", {"gemma2": gemma2})))
+    assert not getattr(model.cfg, "use_normalization_before_and_after", False)
+    with pytest.raises(ValueError, match=r"residual stream at blocks\.1\.hook_resid_pre is not"):
+        tn.attach_edge_noise(model, calibration_tokens=TOKENS)
+    assert not model.hook_dict["blocks.0.attn.hook_q"].fwd_hooks
+    olmo2 = (hf.Olmo2Config, hf.Olmo2ForCausalLM, dict(ROTARY, num_key_value_heads=2))
+    model = freeze(load_model(checkpoint(tmp_path_factory, "olmo2", {"olmo2": olmo2})))
+    with pytest.raises(ValueError, match="block 0 has no ln1 although normalization_type='RMS'"):
+        tn.attach_edge_noise(model, calibration_tokens=TOKENS)
+    assert not model.hook_dict["blocks.0.attn.hook_q"].fwd_hooks
 
 
 def test_a_reader_whose_hook_never_runs_is_refused():

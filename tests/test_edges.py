@@ -312,8 +312,10 @@ def test_the_rebuild_check_catches_readers_it_does_not_reproduce():
 
 
 def test_edge_noise_refuses_what_it_cannot_rebuild():
-    with pytest.raises(ValueError, match="use_qk_norm=True"):
-        tn.attach_edge_noise(native(use_qk_norm=True))
+    with pytest.raises(ValueError, match="use_normalization_before_and_after=True"):
+        tn.attach_edge_noise(
+            native(use_normalization_before_and_after=True, normalization_type="RMS")
+        )
     model = native()
     with tn.attach_noise(model, "blocks.*.attn.hook_z"):
         with pytest.raises(ValueError, match="already carry tl-noise noise"):

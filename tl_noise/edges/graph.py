@@ -93,6 +93,14 @@ class EdgeGraph:
         except (KeyError, TypeError, ValueError) as err:
             raise TLNoiseValueError(f"malformed tl-noise edge noise config: graph {err!r}") from err
 
+    def describe(self) -> str:
+        """``"2 layers x 4 heads"``, then what else sets the edges (key/value heads, MLPs)."""
+        out = f"{self.n_layers} layers x {self.n_heads} heads"
+        if self.kv_heads is not None:
+            out += f" ({self.kv_heads} key/value heads)"
+        return out + (", no MLPs" if not self.mlps else ", parallel MLPs" if self.parallel
+                      else ", MLPs")  # fmt: skip
+
     @property
     def kv(self) -> int:
         """Key/value readers per kind and layer."""

@@ -195,11 +195,13 @@ class EdgeNoise(NoiseHooks):
         return self.writer_mean[first : first + n, None, None, :].to(like.dtype)
 
     def _resid_hook(self, layer: int) -> Callable:
-        def hook(x: Tensor, hook: Any) -> None:
+        def hook(x: Tensor, hook: Any, name: str = f"blocks.{layer}.hook_resid_pre") -> None:
             if layer == 0:
                 self._clear()
                 self._store = WriterStore(len(self.graph.writers), x, self._pool)
                 self._store.write(self._reference(0, 1, x), x.unsqueeze(0))
+            elif self._check is not None:
+                self._check.record_residual(name, x, self._contributions())
             self._resid[layer] = x
 
         return hook
@@ -269,9 +271,12 @@ class EdgeNoise(NoiseHooks):
         return hook
 
     def _logits_hook(self) -> Callable:
-        read = self._reader_hook(LOGITS_BLOCK, f"blocks.{self.graph.n_layers - 1}.hook_resid_post")
+        name = f"blocks.{self.graph.n_layers - 1}.hook_resid_post"
+        read = self._reader_hook(LOGITS_BLOCK, name)
 
         def hook(x: Tensor, hook: Any) -> Tensor | None:
+            if self._check is not None:
+                self._check.record_residual(name, x, self._contributions())
             out = read(x, hook)
             if not self._keep:
                 self._clear()  # the forward's last reader: free the writers' contributions
@@ -419,13 +424,10 @@ class EdgeNoise(NoiseHooks):
         """Rebuild (unattached, freshly initialised) edge noise for ``model`` from a config."""
         if not isinstance(config, dict) or not isinstance(config.get("hooks"), dict):
             raise TLNoiseValueError("malformed tl-noise edge noise config: no hooks")
-        graph = EdgeGraph.from_config(config.get("graph"))
-        cfg = model.cfg
-        if (graph.n_layers, graph.n_heads) != (int(cfg.n_layers), int(cfg.n_heads)):
-            raise TLNoiseValueError(
-                f"the saved edge noise is for {graph.n_layers} layers x {graph.n_heads} heads; "
-                f"the model has {cfg.n_layers} x {cfg.n_heads}"
-            )
+        graph, own = EdgeGraph.from_config(config.get("graph")), EdgeGraph.of(model)
+        if graph != own:
+            raise TLNoiseValueError(f"the saved edge noise is for {graph.describe()}; the model "
+                                    f"has {own.describe()}")  # fmt: skip
         shapes = graph.block_shapes()
         if list(config["hooks"]) != list(shapes) or config.get("order") != list(shapes):
             raise TLNoiseValueError("malformed tl-noise edge noise config: its blocks are not "
@@ -437,8 +439,7 @@ class EdgeNoise(NoiseHooks):
                 raise TLNoiseValueError(f"edge block {block!r} is {list(layer.unit_shape)}; "
                                         f"the graph has {list(shape)}")  # fmt: skip
             layers[block] = layer
-        form = config.get("form", "replacement")
-        noise = cls(model, layers, graph, form=form, seed=config.get("seed", 0))
+        noise = cls(model, layers, graph, config.get("form", "replacement"), config.get("seed", 0))
         noise.calibration_source = config.get("calibration_source", "none")
         scores, info = config.get("node_scores"), config.get("ranking_info")
         noise.node_scores = scores if isinstance(scores, dict) else None

@@ -31,25 +31,24 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 def check_edge_model(model: Any) -> None:
     """ValueError naming the setting when edge noise cannot rebuild this model's readers.
 
-    Rotary and ALiBi positions act on q/k after the projections edge noise recomputes (at
-    ``hook_q``/``hook_k``), so the model applies them to the rebuilt q/k as to its own; in
-    parallel attention/MLP blocks an MLP reads the block's input (:class:`EdgeGraph`). What a
-    model really computes is checked when the noise is attached
-    (:meth:`~tl_noise.edges.EdgeNoise.check_rebuild`)."""
+    Rotary and ALiBi positions and q/k norms act on q/k after the projections edge noise
+    recomputes (at ``hook_q``/``hook_k``), so the model applies them to the rebuilt q/k as to its
+    own; in parallel attention/MLP blocks an MLP reads the block's input (:class:`EdgeGraph`).
+    Norms after the attention or MLP are refused: a head's ``z W_O`` is then not what it adds to
+    the residual stream. What a model really computes is checked when the noise is attached
+    (:meth:`~tl_noise.edges.EdgeNoise.check_rebuild`, which also finds such norms where cfg
+    does not say so)."""
     cfg = model.cfg
     problems = []
     kv = _get(cfg, "n_key_value_heads")
     if kv is not None and (kv <= 0 or cfg.n_heads % kv):
         problems.append(f"n_key_value_heads={kv} does not divide n_heads={cfg.n_heads}")
-    for key in ("use_qk_norm", "use_normalization_before_and_after"):
-        if _get(cfg, key):
-            problems.append(f"{key}=True")
+    if _get(cfg, "use_normalization_before_and_after"):
+        problems.append("use_normalization_before_and_after=True (norms after the attention and "
+                        "MLP act between a writer and the residual stream)")  # fmt: skip
     if problems:
         raise TLNoiseValueError(
-            "edge noise cannot rebuild the readers of this model: "
-            + "; ".join(problems)
-            + " (q/k normalisation and norms after attention or MLP act between a head's "
-            "input and its q/k/v or between a writer and the residual stream)"
+            "edge noise cannot rebuild the readers of this model: " + "; ".join(problems)
         )
 
 
@@ -130,6 +129,21 @@ def mlp_input(model: Any, layer: int, parallel: bool) -> tuple[str, bool]:
     return f"{prefix}.hook_mlp_in", False
 
 
+def _ln1(model: Any, layer: int) -> Any:
+    """Block ``layer``'s ``ln1``; ValueError where a normed model's block has none (OLMo 2 norms
+    only the attention's and MLP's outputs: a head's ``z W_O`` is not what it adds)."""
+    if str(_get(model.cfg, "normalization_type")).upper() == "NONE":
+        return None
+    try:
+        return model.blocks[layer].ln1
+    except AttributeError as err:
+        raise TLNoiseValueError(
+            f"edge noise cannot rebuild the readers of this model: block {layer} has no ln1 "
+            f"although normalization_type={_get(model.cfg, 'normalization_type')!r} (norms "
+            "after the attention or MLP, not before)"
+        ) from err
+
+
 def _normed_mlps(model: Any, graph: EdgeGraph | None) -> list[int]:
     if graph is None or not graph.mlps:
         return []
@@ -183,12 +197,12 @@ class ReaderWeights:
             b += [_kv_groups(_bias(model, f"b_{x}", w[i + 1]), kv) for i, x in enumerate("KV")]
             w_o = model.W_O.detach()
             projections = [
-                fold(block_norm(model, model.blocks[layer].ln1),
+                fold(block_norm(model, _ln1(model, layer)),
                      torch.cat([x[layer] for x in w]), torch.cat([x[layer] for x in b]))
                 for layer in range(int(model.cfg.n_layers))
             ]  # fmt: skip
             eye = torch.eye(int(model.cfg.d_model), dtype=w_o.dtype, device=w_o.device)[None]
-            norms = {layer: fold(block_norm(model, model.blocks[layer].ln1), eye, eye[:, 0] * 0)
+            norms = {layer: fold(block_norm(model, _ln1(model, layer)), eye, eye[:, 0] * 0)
                      for layer in _normed_mlps(model, graph)}  # fmt: skip
         return cls(projections, [w_o[layer] for layer in range(int(model.cfg.n_layers))], norms)
 
