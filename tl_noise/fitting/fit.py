@@ -106,26 +106,21 @@ def fit(
         resume: continue the run in ``run_dir`` from its last checkpoint; the result equals an
             uninterrupted run with the same settings and data (more steps extend a run; a
             completed run resumed with its own steps returns its final noise).
-        overwrite: replace a run already in ``run_dir`` (a run that failed before its first
+        overwrite: replace a run already in ``run_dir`` (one that failed before its first
             checkpoint is started over anyway, with a warning).
         quiet: no progress bar.
-        log_every, detail_every: a history record every ``log_every`` steps; one record in
-            ``detail_every`` is full (every std, the per-head gradients), the others are
-            summaries (losses, mean std); 0 keeps a step at 16 KiB of history on average.
+        log_every, detail_every: a history record every ``log_every`` steps, one in
+            ``detail_every`` full (every std, per-head gradients), the others summaries.
         stable_window: stop once the ranking has held for this many steps (0: never; None:
-            :class:`FitConfig`'s 50 for node noise, 0 for edge noise, whose fits on small
-            graphs otherwise stop on a ranking that has barely left its start: measured on
-            ``tracr-hist``, edge AUC 0.17-0.33 for the fits that stopped at 78-136 steps, 1.0
-            for every seed run to the end).
+            :class:`FitConfig`'s 50 for node noise, 0 for edge noise; see the CHANGELOG).
         refine_window, refine_examples, refine_budget: the in-context refinement of the node
             ranking that ends the fit (:mod:`~tl_noise.fitting.refine`; ``refine_window=0``
             skips it); ``tn.node_importance(noise)`` then returns the refined ranking.
         callbacks: extra :class:`~tl_noise.fitting.callbacks.Callback` objects.
-        corrupted_tokens: edge noise only: ``[n, pos]``, each example's counterfactual. A noised
-            edge then moves the reader's input towards the writer's contribution on the
-            counterfactual (resample noise, :meth:`~tl_noise.edges.EdgeNoise.patched`) instead
-            of its mean, and the end-of-fit circuit curve uses resample ablation: the circuits
-            found are those that survive resample ablation. Costs one more forward per step.
+        corrupted_tokens: edge noise only: ``[n, pos]``, each example's counterfactual: edges
+            are noised towards the writer's contribution on it (resample noise,
+            :meth:`~tl_noise.edges.EdgeNoise.patched`) and the end-of-fit curve uses resample
+            ablation. One more forward per step.
 
     Returns:
         :class:`FitResult` with ``stds``, ``history``, ``importance`` and ``run_dir``.
@@ -138,14 +133,12 @@ def fit(
         objective=objective, mode=mode, alpha=alpha, budget=budget, steps=steps, lr=lr,
         batch_size=batch_size, seed=seed, noise_loss_kind=noise_loss_kind,
         checkpoint_every=checkpoint_every, log_every=log_every, detail_every=detail_every,
-        budget_lr=budget_lr,
-        clean_cache_mb=clean_cache_mb, stable_window=stable_window, refine_window=refine_window,
-        refine_examples=refine_examples, refine_budget=refine_budget,
+        budget_lr=budget_lr, clean_cache_mb=clean_cache_mb, stable_window=stable_window,
+        refine_window=refine_window, refine_examples=refine_examples, refine_budget=refine_budget,
     )  # fmt: skip
     with fit_guard(noise):  # SIGTERM stops it like Ctrl-C; the noise's seed and modes come back
-        return _fit(
-            model, noise, data, config, run_dir, resume, overwrite, metric, quiet, callbacks
-        )
+        return _fit(model, noise, data, config, run_dir, resume, overwrite, metric, quiet,
+                    callbacks)  # fmt: skip
 
 
 def _preflight(
